@@ -1,0 +1,179 @@
+"""Evaluate a model on a task's eval split: no demos (base), with k demos (ICL), or an adapter.
+
+Single-token tasks score the next-token distribution after the prompt: accuracy is argmax
+against the target's first token, confidence is the top-1 probability. Multi-token tasks
+generate greedily up to the stop string and compare exact text; confidence is the greedy
+answer's sequence probability.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from ia2cache.errors import IA2Error
+from ia2cache.metrics import ece_equal_mass, ece_equal_width
+from ia2cache.prompts import PromptPair, build_eval_pairs
+from ia2cache.tasks import Task, is_single_token
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["base", "icl", "adapter"]
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How to evaluate."""
+
+    mode: Mode = "icl"
+    """base: the query alone; icl: k demos from the pool plus the query; adapter: query alone."""
+    k: int = 4
+    """Demos per prompt in icl mode (ignored otherwise)."""
+    n_eval: int | None = 200
+    """Evaluate the first n_eval eval examples (all if None or more than exist)."""
+    seed: int = 0
+    """Seed for drawing ICL demos."""
+    batch_size: int = 8
+    """Rows per forward pass."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("base", "icl", "adapter"):
+            raise IA2Error(f"mode {self.mode!r}: choose base, icl or adapter")
+        if self.batch_size < 1:
+            raise IA2Error(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.mode == "icl" and self.k < 1:
+            raise IA2Error(f"--k {self.k}: ICL needs at least one demo")
+
+
+def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+def _prompt(pair: PromptPair, mode: str) -> list[int]:
+    return list(pair.teacher_ids if mode == "icl" else pair.student_ids)
+
+
+@torch.no_grad()
+def _score_single(model: Any, pairs: list[PromptPair], mode: str, pad_id: int, bs: int,
+                  device: torch.device) -> dict[str, np.ndarray]:
+    conf, correct, nll, pred = [], [], [], []
+    for start in range(0, len(pairs), bs):
+        batch = pairs[start : start + bs]
+        seqs = [_prompt(p, mode) for p in batch]
+        # Right padding: causal attention never lets a real token see the pads after it.
+        ids, mask = _pad(seqs, pad_id, left=False)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+        logp = torch.log_softmax(logits[torch.arange(len(seqs)), last].float(), dim=-1)
+        tgt = torch.tensor([p.target_ids[0] for p in batch], device=device)
+        top_lp, top = logp.max(dim=-1)
+        conf += top_lp.exp().tolist()
+        pred += top.tolist()
+        correct += (top == tgt).tolist()
+        nll += (-logp[torch.arange(len(seqs)), tgt]).tolist()
+    return {"confidence": np.array(conf), "correct": np.array(correct, dtype=bool),
+            "nll": np.array(nll), "pred": np.array(pred)}
+
+
+@torch.no_grad()
+def _score_generate(model: Any, tok: Any, task: Task, pairs: list[PromptPair], mode: str,
+                    bs: int, device: torch.device) -> dict[str, np.ndarray]:
+    max_new = max(len(p.target_ids) for p in pairs) + 4
+    conf, correct, nll, answers = [], [], [], []
+    pad_id = tok.pad_token_id
+    for start in range(0, len(pairs), bs):
+        batch = pairs[start : start + bs]
+        seqs = [_prompt(p, mode) for p in batch]
+        ids, mask = _pad(seqs, pad_id, left=True)
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
+            do_sample=False, output_scores=True, return_dict_in_generate=True,
+            pad_token_id=pad_id,
+        )
+        new = out.sequences[:, ids.shape[1] :]
+        step_lp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], dim=1)
+        chosen = step_lp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        for i, p in enumerate(batch):
+            text, n_tok = _cut_at_stop(tok, new[i].tolist(), task.stop)
+            answers.append(text.strip())
+            correct.append(text.strip() == p.target)
+            conf.append(float(chosen[i, : max(n_tok, 1)].sum().exp()))
+        # NLL of the gold target, teacher-forced.
+        full = [s + list(p.target_ids) for s, p in zip(seqs, batch, strict=True)]
+        fids, fmask = _pad(full, pad_id, left=False)
+        logp = torch.log_softmax(
+            model(input_ids=fids.to(device), attention_mask=fmask.to(device)).logits.float(), -1
+        )
+        for i, (s, p) in enumerate(zip(seqs, batch, strict=True)):
+            pos = torch.arange(len(s) - 1, len(s) - 1 + len(p.target_ids), device=device)
+            tgt = torch.tensor(p.target_ids, device=device)
+            nll.append(float(-logp[i, pos, tgt].sum()))
+    return {"confidence": np.array(conf), "correct": np.array(correct, dtype=bool),
+            "nll": np.array(nll), "answers": np.array(answers, dtype=object)}
+
+
+def _cut_at_stop(tok: Any, ids: list[int], stop: str) -> tuple[str, int]:
+    """Decode generated ids up to EOS or the stop string; return text and tokens used."""
+    eos = tok.eos_token_id
+    text = ""
+    for n in range(1, len(ids) + 1):
+        if ids[n - 1] == eos:
+            return text, n - 1
+        text = tok.decode(ids[:n], skip_special_tokens=True)
+        if stop and stop in text:
+            return text.split(stop)[0], n
+    return text, len(ids)
+
+
+def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
+             device: torch.device | None = None) -> dict[str, Any]:
+    """Accuracy, ECE (equal-mass and equal-width, 15 bins) and NLL on the task's eval split.
+
+    Args:
+        model: a causal LM (a peft model for mode "adapter").
+        tokenizer: its tokenizer.
+        task: the task; only its eval split is scored, demos come from its pool.
+        config: mode, k, n_eval, seed, batch size.
+    """
+    t0 = time.perf_counter()
+    device = device or next(model.parameters()).device
+    k = config.k if config.mode == "icl" else 0
+    pairs = build_eval_pairs(task, tokenizer, k=k, seed=config.seed, n_eval=config.n_eval)
+    single = is_single_token(task, tokenizer)
+    was_training = model.training
+    model.eval()
+    if single:
+        res = _score_single(model, pairs, config.mode, tokenizer.pad_token_id,
+                            config.batch_size, device)
+    else:
+        res = _score_generate(model, tokenizer, task, pairs, config.mode, config.batch_size,
+                              device)
+    model.train(was_training)
+    conf, corr = res["confidence"], res["correct"]
+    return {
+        "task": task.name,
+        "mode": config.mode,
+        "k": k,
+        "n_eval": len(pairs),
+        "single_token": single,
+        "accuracy": float(corr.mean()),
+        "confidence": float(conf.mean()),
+        "ece_equal_mass": ece_equal_mass(conf, corr),
+        "ece_equal_width": ece_equal_width(conf, corr),
+        "nll": float(np.mean(res["nll"])),
+        "seed": config.seed,
+        "config": asdict(config),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }

@@ -1,0 +1,245 @@
+"""Teacher/student prompt pairs with exactly aligned positions.
+
+The teacher reads ``demo block + query``; the student reads ``query`` alone. The demo block and
+the query are tokenized **separately** and their ids concatenated, so the query's tokens are
+identical in both sequences and position alignment is exact. A joined string is never
+re-tokenized (a merge across the boundary would shift every position after it).
+
+Randomness comes from numpy's PCG64 seeded with ``SeedSequence([seed, stream, row])``: the
+same task, N, k and seed give the same ids on any machine and in any process.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from ia2cache.errors import IA2Error
+from ia2cache.tasks import Example, Task
+
+K_MAX = 8
+"""``--k auto`` means ``min(N - 1, K_MAX)``."""
+DEV_MAX = 48
+"""The dev split is the next ``min(N // 2, DEV_MAX)`` pool examples after the N train ones."""
+
+Split = Literal["train", "dev", "eval"]
+PositionsMode = Literal["response", "query+response"]
+POSITION_MODES: tuple[str, ...] = ("response", "query+response")
+
+# Independent random streams, so that adding dev rows never changes train rows' demos.
+_STREAM_SELECT, _STREAM_TRAIN, _STREAM_DEV, _STREAM_EVAL = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class PromptConfig:
+    """Which rows to build: the few-shot regime of one run."""
+
+    n: int = 16
+    """Number of training examples drawn from the task's pool."""
+    k: int | None = None
+    """Demonstrations per teacher prompt; None means auto: min(N - 1, 8)."""
+    seed: int = 0
+    """Data seed: picks the N examples and every row's demos."""
+
+    def __post_init__(self) -> None:
+        if self.n < 1:
+            raise IA2Error(f"--n {self.n}: must be at least 1")
+        if self.k is not None and self.k < 0:
+            raise IA2Error(f"--k {self.k}: must be 0 or more")
+        if self.k is not None and self.k > max(self.n - 1, 0):
+            raise IA2Error(
+                f"--k {self.k}: at most N-1 = {self.n - 1} demos exist for each of the "
+                f"N={self.n} training examples (demos come from the other training examples)"
+            )
+
+    @property
+    def k_effective(self) -> int:
+        return min(self.n - 1, K_MAX) if self.k is None else self.k
+
+    @property
+    def n_dev(self) -> int:
+        return min(self.n // 2, DEV_MAX)
+
+
+@dataclass(frozen=True)
+class PromptPair:
+    """One row: a teacher prompt, its student prompt, and the gold response ids."""
+
+    row: int
+    split: Split
+    example_id: str
+    demo_ids: tuple[str, ...]
+    teacher_ids: tuple[int, ...]
+    """prefix + demo block + query."""
+    student_ids: tuple[int, ...]
+    """prefix + query."""
+    target_ids: tuple[int, ...]
+    """``" " + target`` tokenized on its own."""
+    query_start: int
+    """Index in ``teacher_ids`` where the query starts."""
+    prefix_len: int = 0
+    """Tokens (a BOS) that start both sequences."""
+    target: str = ""
+    """The gold target text (no leading space)."""
+
+    @property
+    def query_len(self) -> int:
+        return len(self.student_ids) - self.prefix_len
+
+    def positions(self, t: int, mode: str = "response") -> tuple[list[int], list[int]]:
+        """Aligned (teacher, student) positions for a response of ``t`` tokens.
+
+        ``response``: the positions that predict response tokens: the last prompt token,
+        then response tokens 1..t-1. ``query+response`` also aligns every query token first.
+        """
+        tp = [len(self.teacher_ids) - 1 + i for i in range(t)]
+        sp = [len(self.student_ids) - 1 + i for i in range(t)]
+        if mode == "response":
+            return tp, sp
+        if mode != "query+response":
+            raise IA2Error(f"--positions {mode}: choose one of {', '.join(POSITION_MODES)}")
+        # The last query token is already response position 0; do not count it twice.
+        tq = [self.query_start + j for j in range(self.query_len - 1)]
+        sq = [self.prefix_len + j for j in range(self.query_len - 1)]
+        return tq + tp, sq + sp
+
+
+@dataclass(frozen=True)
+class PairSet:
+    task: str
+    n: int
+    k: int
+    seed: int
+    train: tuple[PromptPair, ...]
+    dev: tuple[PromptPair, ...]
+
+    @property
+    def rows(self) -> tuple[PromptPair, ...]:
+        return self.train + self.dev
+
+    def digest(self) -> str:
+        """sha256 over every row's ids: equal digests mean identical rows."""
+        return _digest(self.rows)
+
+
+def _digest(pairs: tuple[PromptPair, ...] | list[PromptPair]) -> str:
+    body = [
+        [p.row, p.split, p.example_id, list(p.demo_ids), list(p.teacher_ids),
+         list(p.student_ids), list(p.target_ids), p.query_start]
+        for p in pairs
+    ]
+    return hashlib.sha256(json.dumps(body, separators=(",", ":")).encode()).hexdigest()
+
+
+class _Encoder:
+    """Tokenizes pieces without special tokens; adds the tokenizer's BOS as a shared prefix."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tok = tokenizer
+        bos = tokenizer.bos_token_id
+        probe = tokenizer("a").input_ids
+        self.prefix: tuple[int, ...] = (bos,) if bos is not None and probe[:1] == [bos] else ()
+        self._memo: dict[str, tuple[int, ...]] = {}
+
+    def __call__(self, text: str) -> tuple[int, ...]:
+        ids = self._memo.get(text)
+        if ids is None:
+            ids = tuple(self.tok(text, add_special_tokens=False).input_ids)
+            self._memo[text] = ids
+        return ids
+
+
+def _rng(seed: int, stream: int, row: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, stream, row])))
+
+
+def make_pair(
+    task: Task,
+    enc: _Encoder,
+    row: int,
+    split: Split,
+    query: Example,
+    demos: list[Example],
+) -> PromptPair:
+    query_ids = enc(task.render(query))
+    if demos:
+        block = task.separator.join(task.demo_text(d) for d in demos) + task.separator
+        demo_ids = enc(block)
+    else:
+        demo_ids = ()
+    return PromptPair(
+        row=row,
+        split=split,
+        example_id=query.id,
+        demo_ids=tuple(d.id for d in demos),
+        teacher_ids=enc.prefix + demo_ids + query_ids,
+        student_ids=enc.prefix + query_ids,
+        target_ids=enc(" " + query.target),
+        query_start=len(enc.prefix) + len(demo_ids),
+        prefix_len=len(enc.prefix),
+        target=query.target,
+    )
+
+
+def build_pairs(task: Task, tokenizer: Any, config: PromptConfig) -> PairSet:
+    """Train and dev rows for one few-shot run.
+
+    The seed picks N train examples from the pool, then the next ``min(N//2, 48)`` as dev.
+    Each train row's k demos come from the *other* train examples; each dev row's from the
+    train examples.
+
+    Args:
+        task: the task (``ia2cache.tasks.load_task``).
+        tokenizer: the model's tokenizer.
+        config: N, k and the data seed.
+    """
+    n, k, seed = config.n, config.k_effective, config.seed
+    pool = task.pool
+    if n > len(pool):
+        raise IA2Error(
+            f"--n {n}: task {task.name!r} has only {len(pool)} pool examples to train from"
+        )
+    n_dev = min(config.n_dev, len(pool) - n)
+    enc = _Encoder(tokenizer)
+    order = _rng(seed, _STREAM_SELECT, 0).permutation(len(pool))
+    train_idx, dev_idx = order[:n], order[n : n + n_dev]
+    rows: list[PromptPair] = []
+    for i, ex_i in enumerate(train_idx):
+        others = np.delete(train_idx, i)
+        pick = _rng(seed, _STREAM_TRAIN, i).choice(len(others), size=k, replace=False)
+        rows.append(make_pair(task, enc, i, "train", pool[ex_i], [pool[others[j]] for j in pick]))
+    for j, ex_j in enumerate(dev_idx):
+        pick = _rng(seed, _STREAM_DEV, j).choice(n, size=k, replace=False)
+        demos = [pool[train_idx[m]] for m in pick]
+        rows.append(make_pair(task, enc, n + j, "dev", pool[ex_j], demos))
+    return PairSet(
+        task=task.name, n=n, k=k, seed=seed,
+        train=tuple(rows[:n]), dev=tuple(rows[n:]),
+    )
+
+
+def build_eval_pairs(
+    task: Task, tokenizer: Any, k: int, seed: int = 0, n_eval: int | None = None
+) -> list[PromptPair]:
+    """Rows for the eval split: each query gets k demos drawn (seeded) from the whole pool."""
+    if k > len(task.pool):
+        raise IA2Error(f"--k {k}: task {task.name!r} has only {len(task.pool)} pool examples")
+    if n_eval is not None and n_eval < 1:
+        raise IA2Error(f"--n-eval {n_eval}: must be at least 1")
+    queries = task.eval[:n_eval] if n_eval is not None else task.eval
+    enc = _Encoder(tokenizer)
+    out = []
+    for i, q in enumerate(queries):
+        pick = _rng(seed, _STREAM_EVAL, i).choice(len(task.pool), size=k, replace=False)
+        out.append(make_pair(task, enc, i, "eval", q, [task.pool[m] for m in pick]))
+    return out
+
+
+__all__ = [
+    "PromptConfig", "PromptPair", "PairSet", "build_pairs", "build_eval_pairs", "K_MAX",
+    "POSITION_MODES",
+]

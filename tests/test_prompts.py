@@ -1,0 +1,126 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ia2cache.errors import IA2Error
+from ia2cache.prompts import PromptConfig, build_eval_pairs, build_pairs
+from ia2cache.tasks import Task, load_task
+from tests.conftest import write_jsonl
+
+WORDS = ["hot", "up", "big", "walk", "go", "France", "Spain", "Italy", "ocean", "paper", "The food"]
+
+
+def _task(tmp_path: Path, n: int = 60) -> Task:
+    lines = [
+        json.dumps({"id": f"r{i}", "input": f"{WORDS[i % len(WORDS)]} {i}", "target": WORDS[(i * 7) % 11]})
+        for i in range(n)
+    ]
+    return load_task(str(write_jsonl(tmp_path / "toy.jsonl", lines)))
+
+
+def test_query_tokens_identical_and_positions_index_same_tokens(tmp_path: Path, tiny_tok: Any) -> None:
+    task = _task(tmp_path)
+    pairs = build_pairs(task, tiny_tok, PromptConfig(n=12, k=4, seed=3))
+    assert len(pairs.train) == 12 and len(pairs.dev) == 6
+    for p in pairs.rows:
+        q = p.query_len
+        assert p.teacher_ids[-q:] == p.student_ids[-q:]
+        assert p.teacher_ids[p.query_start :] == p.student_ids[p.prefix_len :]
+        # Teacher-forced sequences: prompt + response. Aligned positions must predict the same
+        # response token and sit on identical tokens.
+        resp = p.target_ids
+        t_seq, s_seq = p.teacher_ids + resp, p.student_ids + resp
+        tp, sp = p.positions(len(resp))
+        assert [t_seq[i] for i in tp] == [s_seq[i] for i in sp]
+        assert [t_seq[i + 1] for i in tp] == list(resp)
+        assert [s_seq[i + 1] for i in sp] == list(resp)
+        tq, sq = p.positions(len(resp), "query+response")
+        assert len(tq) == q + len(resp) - 1
+        assert [t_seq[i] for i in tq] == [s_seq[i] for i in sq]
+        assert tq[: q - 1] == list(range(p.query_start, p.query_start + q - 1))
+
+
+def test_positions_hand_computed(tiny_tok: Any, tmp_path: Path) -> None:
+    task = _task(tmp_path)
+    p = build_pairs(task, tiny_tok, PromptConfig(n=4, k=2, seed=0)).train[0]
+    lt, ls = len(p.teacher_ids), len(p.student_ids)
+    assert p.positions(3) == ([lt - 1, lt, lt + 1], [ls - 1, ls, ls + 1])
+
+
+def test_demos_come_from_other_train_examples(tmp_path: Path, tiny_tok: Any) -> None:
+    task = _task(tmp_path)
+    ps = build_pairs(task, tiny_tok, PromptConfig(n=8, seed=1))
+    assert ps.k == 7  # auto: min(N-1, 8)
+    train_ids = {p.example_id for p in ps.train}
+    for p in ps.train:
+        assert p.example_id not in p.demo_ids
+        assert set(p.demo_ids) <= train_ids and len(set(p.demo_ids)) == len(p.demo_ids) == 7
+    for p in ps.dev:
+        assert p.example_id not in train_ids and set(p.demo_ids) <= train_ids
+    other = build_pairs(task, tiny_tok, PromptConfig(n=8, seed=2))
+    assert other.digest() != ps.digest()
+
+
+def test_demo_text_is_template_space_target(tmp_path: Path, tiny_tok: Any) -> None:
+    task = _task(tmp_path)
+    p = build_pairs(task, tiny_tok, PromptConfig(n=3, k=2, seed=0)).train[0]
+    demos = [next(e for e in task.pool if e.id == d) for d in p.demo_ids]
+    block = "".join(f"Input: {d.input}\nOutput: {d.target}\n\n" for d in demos)
+    assert tiny_tok.decode(p.teacher_ids[: p.query_start]) == block
+    assert tiny_tok.decode(p.student_ids) == "Input: " + next(
+        e.input for e in task.pool if e.id == p.example_id
+    ) + "\nOutput:"
+
+
+_CHILD = """
+import sys, json
+from ia2cache.testing import tiny_tokenizer
+from ia2cache.tasks import load_task
+from ia2cache.prompts import PromptConfig, build_pairs, build_eval_pairs, _digest
+t = load_task(sys.argv[1])
+tok = tiny_tokenizer()
+print(json.dumps([build_pairs(t, tok, PromptConfig(n=10, k=3, seed=5)).digest(),
+                  _digest(build_eval_pairs(t, tok, k=3, seed=5, n_eval=10))]))
+"""
+
+
+def test_deterministic_across_processes(tmp_path: Path) -> None:
+    task = _task(tmp_path)
+    path = next(tmp_path.glob("*.jsonl"))
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    outs = [
+        subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True,
+                       check=True, env={"PYTHONHASHSEED": str(h), "PATH": ""}).stdout
+        for h in (1, 2)
+    ]
+    assert outs[0] == outs[1]
+    assert len(json.loads(outs[0])[0]) == 64
+    assert task.pool  # the task the children read is the one built here
+
+
+def test_bad_n_and_k(tmp_path: Path, tiny_tok: Any) -> None:
+    task = _task(tmp_path, n=20)
+    with pytest.raises(IA2Error, match=r"--n 50: task 'toy' has only 10 pool examples"):
+        build_pairs(task, tiny_tok, PromptConfig(n=50))
+    with pytest.raises(IA2Error, match="--k 5"):
+        PromptConfig(n=4, k=5)
+    with pytest.raises(IA2Error, match="--n 0"):
+        PromptConfig(n=0)
+
+
+def test_eval_pairs_have_k_pool_demos(tmp_path: Path, tiny_tok: Any) -> None:
+    task = _task(tmp_path)
+    pairs = build_eval_pairs(task, tiny_tok, k=4, seed=0, n_eval=7)
+    pool_ids = {e.id for e in task.pool}
+    assert len(pairs) == 7
+    for p, ex in zip(pairs, task.eval, strict=False):
+        assert p.example_id == ex.id and set(p.demo_ids) <= pool_ids and len(p.demo_ids) == 4
+    zero = build_eval_pairs(task, tiny_tok, k=0, n_eval=3)
+    assert all(p.teacher_ids == p.student_ids for p in zero)
