@@ -22,6 +22,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from ia2cache._docs import field_docs
+from ia2cache.collect import CollectConfig
 from ia2cache.errors import IA2Error
 from ia2cache.evaluate import EvalConfig
 
@@ -38,6 +39,8 @@ err = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 _EVAL = field_docs(EvalConfig)
+_COL = field_docs(CollectConfig)
+JSON_OPT = typer.Option(False, "--json", help="Print one JSON object on stdout (progress stays on stderr).")
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -152,6 +155,208 @@ def eval_cmd(
     )
     out.print(table)
     err.print(f"pool {len(t.pool)} examples, eval split {len(t.eval)}; scored {result['n_eval']}")
+
+
+def _progress_bar(label: str) -> Any:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
+        TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"),
+        TimeRemainingColumn(), console=err, transient=False,
+    )
+
+
+def _parse_k(k: str) -> int | None:
+    if k == "auto":
+        return None
+    try:
+        return int(k)
+    except ValueError:
+        raise IA2Error(f"--k {k}: expected 'auto' or an integer") from None
+
+
+@app.command()
+@guarded
+def collect(
+    model: str = typer.Option("default", "--model", help=_COL["model"]),
+    task: str = typer.Option(CollectConfig.task, "--task", help=_COL["task"]),
+    n: int = typer.Option(16, "--n", help=_COL["n"]),
+    k: str = typer.Option("auto", "--k", help=_COL["k"]),
+    seed: int = typer.Option(0, "--seed", help=_COL["seed"]),
+    response: str = typer.Option("icl", "--response", help=_COL["response"]),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help=_COL["max_new_tokens"]),
+    site: str = typer.Option("attn", "--site", help=_COL["site"]),
+    layers: str = typer.Option("all", "--layers", help=_COL["layers"]),
+    positions: str = typer.Option("response", "--positions", help=_COL["positions"]),
+    dtype: str = typer.Option("bf16", "--dtype", help=_COL["dtype"]),
+    topk_logits: int = typer.Option(0, "--topk-logits", help=_COL["topk_logits"]),
+    batch_size: int = typer.Option(8, "--batch-size", help=_COL["batch_size"]),
+    shard_rows: int = typer.Option(32, "--shard-rows", help=_COL["shard_rows"]),
+    template: str | None = typer.Option(None, "--template", help=_COL["template"]),
+    separator: str | None = typer.Option(None, "--separator", help=_COL["separator"]),
+    eval_fraction: float = typer.Option(0.5, "--eval-fraction", help=_COL["eval_fraction"]),
+    store: str | None = typer.Option(None, "--store", help=_COL["store"]),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Trace the ICL teacher once and store its activations in a zarr cache.
+
+    A complete cache with the same key is reused without model work; a partial one resumes.
+
+    [bold]Examples[/]
+
+      ia2cache collect --task sentiment_remap --n 16
+      ia2cache collect --task capitals --n 64 --k 8 --max-new-tokens 8 --site resid --layers 0-5,7
+      ia2cache collect --task my.jsonl --template "Q: {input}\\nA:" --store ./store --json
+    """
+    from ia2cache.collect import collect as run_collect
+
+    config = CollectConfig(
+        model=model, task=task, template=template, separator=separator,
+        eval_fraction=eval_fraction, n=n, k=_parse_k(k), seed=seed, response=response,
+        max_new_tokens=max_new_tokens, site=site, layers=layers, positions=positions,
+        dtype=dtype, topk_logits=topk_logits, batch_size=batch_size,
+        shard_rows=shard_rows, store=store,
+    )
+    with _progress_bar("collect") as bar:
+        job = bar.add_task("collect", total=None, tps="-")
+        t0 = __import__("time").perf_counter()
+
+        def progress(done: int, total: int, tokens: int) -> None:
+            dt = __import__("time").perf_counter() - t0
+            bar.update(job, completed=done, total=total, tps=f"{tokens / dt:,.0f}" if dt else "-")
+
+        result = run_collect(config, progress=progress)
+    info = result.to_dict()
+    if json_out:
+        emit_json(info)
+        return
+    verb = "reused (no model work)" if result.reused else f"collected {result.rows_computed} rows"
+    out.print(f"[bold]{verb}[/]: {result.cache}")
+    out.print(
+        f"rows {result.rows} · status {result.status} · {result.bytes_on_disk / 1e6:.2f} MB on disk"
+        f" · {result.seconds:.1f} s"
+        + (f" · {info['rows_per_s']} rows/s · {info['tokens_per_s']} tok/s" if result.rows_computed else "")
+    )
+
+
+@app.command("ls")
+@guarded
+def ls_cmd(
+    store: str | None = typer.Option(None, "--store", help=_COL["store"]),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """List the caches in a store.
+
+    [bold]Examples[/]
+
+      ia2cache ls
+      ia2cache ls --store ./store --json
+    """
+    from ia2cache.collect import default_store
+    from ia2cache.store import list_caches
+
+    root = store or str(default_store())
+    caches = list_caches(root)
+    if json_out:
+        emit_json({"store": root, "caches": caches})
+        return
+    table = Table(title=f"caches in {root}")
+    for col in ("key", "status", "task", "model", "n", "k", "site", "layers", "T", "rows", "created"):
+        table.add_column(col)
+    for m in caches:
+        lay = m.get("layers") or []
+        table.add_row(
+            m.get("key", "?"), m.get("status", "?"), str(m.get("task")),
+            str((m.get("model") or {}).get("name")), str(m.get("n")), str(m.get("k")),
+            str(m.get("site")), f"{len(lay)} layers", str(m.get("max_new_tokens")),
+            str(m.get("rows")), str(m.get("created")),
+        )
+    out.print(table)
+
+
+def _open(cache: str, store: str | None) -> Any:
+    from ia2cache.collect import default_store
+    from ia2cache.store import Cache, resolve_cache
+
+    return Cache.open(resolve_cache(store or default_store(), cache))
+
+
+@app.command()
+@guarded
+def inspect(
+    cache: str = typer.Argument(..., help="A cache key (in --store) or a cache directory."),
+    store: str | None = typer.Option(None, "--store", help=_COL["store"]),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Show a cache's manifest, its arrays and how to read it without ia2cache.
+
+    [bold]Examples[/]
+
+      ia2cache inspect 3f2a9c0d1b2e4f56
+      ia2cache inspect ~/.cache/ia2cache/store/3f2a9c0d1b2e4f56 --json | jq .layers
+    """
+    c = _open(cache, store)
+    manifest = dict(c.manifest)
+    manifest["path"] = str(c.path)
+    manifest["bytes_on_disk"] = c.bytes_on_disk()
+    manifest["shards_done"] = len(c.done_shards())
+    manifest["shards_total"] = c.n_shards
+    if json_out:
+        emit_json(manifest)
+        return
+    skip = {"arrays", "how_to_read", "key_fields"}
+    table = Table(title=f"cache {c.key}", show_header=False)
+    for key_ in sorted(k for k in manifest if k not in skip):
+        table.add_row(key_, json.dumps(manifest[key_], default=str))
+    out.print(table)
+    arrays = Table(title="arrays (rows first)")
+    for col in ("path", "shape", "dtype", "logical"):
+        arrays.add_column(col)
+    for path, spec in sorted(manifest.get("arrays", {}).items()):
+        arrays.add_row(path, str([c.n_rows, *spec.get("shape", [])]), spec.get("dtype", ""),
+                       str(spec.get("logical_dtype") or ""))
+    out.print(arrays)
+    out.print("[bold]reading it without ia2cache:[/] " + manifest.get("how_to_read", ""))
+
+
+@app.command()
+@guarded
+def verify(
+    cache: str = typer.Argument(..., help="A cache key (in --store) or a cache directory."),
+    store: str | None = typer.Option(None, "--store", help=_COL["store"]),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Check every chunk against the ledger's checksums and stats. Exit 0 intact, 1 damaged.
+
+    [bold]Examples[/]
+
+      ia2cache verify 3f2a9c0d1b2e4f56
+      ia2cache verify ./store/3f2a9c0d1b2e4f56 --json
+    """
+    c = _open(cache, store)
+    problems = [p.to_dict() for p in c.verify()]
+    result = {"ok": not problems, "problems": problems, "cache": str(c.path), "status": c.status}
+    if json_out:
+        emit_json(result)
+    elif problems:
+        table = Table(title=f"{len(problems)} problem(s) in {c.path}")
+        for col in ("array", "rows", "reason"):
+            table.add_column(col)
+        for p in problems:
+            table.add_row(p["array"], f"{p['rows'][0]}-{p['rows'][1]}", p["reason"])
+        out.print(table)
+    else:
+        out.print(f"[green]intact[/]: {c.path} ({c.n_shards} shards, status {c.status})")
+    if problems:
+        raise typer.Exit(code=1)
 
 
 def main() -> None:

@@ -216,6 +216,21 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
+def load_tokenizer(spec: str = DEFAULT_MODEL) -> tuple[Any, ModelInfo]:
+    """The tokenizer and fingerprints of a model, without loading its weights (cheap)."""
+    from transformers import AutoTokenizer
+
+    name, folder = resolve_model(spec)
+    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(folder))
+    info = ModelInfo(
+        name=name,
+        path=str(folder),
+        fingerprint=fingerprint_dir(folder),
+        tokenizer_fingerprint=tokenizer_fingerprint(tok),
+    )
+    return tok, info
+
+
 def load_model(
     spec: str = DEFAULT_MODEL,
     device: str | torch.device | None = None,
@@ -228,17 +243,10 @@ def load_model(
         device: defaults to CUDA when available, else CPU.
         dtype: defaults to fp32 on CPU and bf16 on CUDA.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     dev = torch.device(device) if device is not None else default_device()
-    name, folder = resolve_model(spec)
-    tok = prepare_tokenizer(AutoTokenizer.from_pretrained(folder))
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or default_dtype(dev))
+    tok, info = load_tokenizer(spec)
+    model = AutoModelForCausalLM.from_pretrained(info.path, dtype=dtype or default_dtype(dev))
     model.to(dev).eval()
-    info = ModelInfo(
-        name=name,
-        path=str(folder),
-        fingerprint=fingerprint_dir(folder),
-        tokenizer_fingerprint=tokenizer_fingerprint(tok),
-    )
     return LoadedModel(model=model, tokenizer=tok, info=info, device=dev)

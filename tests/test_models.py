@@ -32,7 +32,8 @@ def saved_models(tmp_path: Path, tiny_tok: Any, monkeypatch: pytest.MonkeyPatch)
 
 def test_fingerprint_stable_across_loads_and_differs_between_models(saved_models: tuple[Path, Path]) -> None:
     a, b = saved_models
-    la, la2, lb = load_model(str(a), device="cpu"), load_model(str(a), device="cpu"), load_model(str(b), device="cpu")
+    la, la2 = load_model(str(a), device="cpu"), load_model(str(a), device="cpu")
+    lb = load_model(str(b), device="cpu")
     assert la.info.fingerprint == la2.info.fingerprint
     assert la.info.fingerprint != lb.info.fingerprint
     assert la.info.tokenizer_fingerprint == lb.info.tokenizer_fingerprint

@@ -20,6 +20,8 @@ BUILTIN_DIR = Path(__file__).parent / "builtin"
 DEFAULT_TEMPLATE = "Input: {input}\nOutput:"
 DEFAULT_SEPARATOR = "\n\n"
 DEFAULT_STOP = "\n"
+DEFAULT_TASK = "sentiment_remap"
+"""The task `make demo` and the CLI use when none is named."""
 
 
 @dataclass(frozen=True)

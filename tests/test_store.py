@@ -1,0 +1,498 @@
+"""Tests for ia2cache.store: round trips, resume, ledger, verify, stats, paths and locks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from ia2cache.errors import IA2Error
+from ia2cache.store import (
+    SCHEMA_VERSION,
+    ArraySpec,
+    Cache,
+    Problem,
+    cache_key,
+    decode_activations,
+    encode_activations,
+    list_caches,
+    resolve_cache,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+KEY = "0123456789abcdef"
+N_ROWS, RPS, RPC, T, H = 10, 4, 2, 3, 5  # shards: [0,4) [4,8) [8,10); the last is short
+
+
+def _specs(compress_acts: bool = True) -> list[ArraySpec]:
+    return [
+        ArraySpec(
+            "acts/attn/layer_000", (T, H), "uint16", "bfloat16", stats=True, compress=compress_acts
+        ),
+        ArraySpec("acts/attn/layer_001", (T, H), "float32", stats=True, compress=False),
+        ArraySpec("tokens/student_ids", (T,), "int32"),
+        ArraySpec("rows/example_id", (), "int64"),
+    ]
+
+
+def _rows(seed: int = 0) -> dict[str, np.ndarray]:
+    """Full-size data for every array of _specs(); shard data are slices of it."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "acts/attn/layer_000": encode_activations(
+            torch.randn(N_ROWS, T, H, generator=g) * 3, "bf16"
+        ),
+        "acts/attn/layer_001": encode_activations(
+            torch.randn(N_ROWS, T, H, generator=g) + 1, "fp32"
+        ),
+        "tokens/student_ids": np.arange(N_ROWS * T, dtype=np.int32).reshape(N_ROWS, T),
+        "rows/example_id": np.arange(100, 100 + N_ROWS, dtype=np.int64),
+    }
+
+
+def _make(store: Path, manifest: dict | None = None, **kw) -> Cache:
+    return Cache.create_or_open(
+        store,
+        KEY,
+        manifest or {"model": "tiny", "n": 8},
+        kw.pop("specs", _specs()),
+        N_ROWS,
+        RPS,
+        RPC,
+    )
+
+
+def _fill(cache: Cache, full: dict[str, np.ndarray], shards=None) -> None:
+    for s in range(cache.n_shards) if shards is None else shards:
+        a, b = cache.shard_rows(s)
+        cache.write_shard(s, {p: v[a:b] for p, v in full.items()})
+
+
+def _shard_file(cache: Cache, path: str, shard: int) -> Path:
+    ndim = 1 + len(cache.specs[path].shape)
+    f = cache.path / path / "c" / "/".join([str(shard)] + ["0"] * (ndim - 1))
+    assert f.is_file(), f
+    return f
+
+
+def _flip_middle_byte(f: Path) -> None:
+    data = bytearray(f.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # inside the chunk data, before the index at the end
+    f.write_bytes(bytes(data))
+
+
+# ---------------------------------------------------------------------------- keys, dtypes
+
+
+def test_cache_key_is_canonical_and_includes_schema():
+    a = cache_key({"b": 1, "a": [1, 2]})
+    assert a == cache_key({"a": [1, 2], "b": 1})
+    assert len(a) == 16 and all(c in "0123456789abcdef" for c in a)
+    assert a != cache_key({"b": 1, "a": [1, 3]})
+    text = json.dumps(
+        {"a": [1, 2], "b": 1, "schema": SCHEMA_VERSION}, sort_keys=True, separators=(",", ":")
+    )
+    assert a == hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def test_bf16_round_trip_is_bit_exact_including_extremes():
+    g = torch.Generator().manual_seed(1)
+    t = (torch.randn(64, 33, generator=g) * torch.logspace(-30, 30, 33)).to(torch.bfloat16)
+    finfo = torch.finfo(torch.bfloat16)
+    extremes = torch.tensor(
+        [
+            finfo.max,
+            -finfo.max,
+            finfo.tiny,
+            finfo.smallest_normal / 4,
+            0.0,
+            -0.0,
+            float("inf"),
+            float("-inf"),
+            1e5,
+            -1e5,
+        ],
+        dtype=torch.bfloat16,
+    )
+    for x in (t, extremes):
+        a = encode_activations(x, "bf16")
+        assert a.dtype == np.uint16 and a.flags.c_contiguous and a.shape == tuple(x.shape)
+        back = decode_activations(a, "bfloat16")
+        assert back.dtype == torch.bfloat16
+        assert torch.equal(back.view(torch.uint16), x.view(torch.uint16))  # -0.0 kept too
+    nan = torch.tensor([float("nan")], dtype=torch.bfloat16)
+    assert torch.isnan(decode_activations(encode_activations(nan, "bf16"), "bfloat16")).all()
+    # fp32 input is rounded to bf16 exactly as torch rounds it
+    f = torch.randn(100, generator=g)
+    assert torch.equal(
+        decode_activations(encode_activations(f, "bf16"), "bfloat16"), f.to(torch.bfloat16)
+    )
+
+
+def test_fp16_and_fp32_encode():
+    t = torch.tensor([[1.5, -65504.0], [float("inf"), 0.25]])
+    a = encode_activations(t, "fp16")
+    assert a.dtype == np.float16 and np.array_equal(a, t.numpy().astype(np.float16))
+    assert torch.equal(decode_activations(a, None), t.to(torch.float16))
+    b = encode_activations(t.to(torch.bfloat16), "fp32")
+    assert b.dtype == np.float32
+
+
+def test_fp16_overflow_raises_with_max_value():
+    t = torch.tensor([1.0, -123456.0, 70000.0])
+    with pytest.raises(IA2Error) as e:
+        encode_activations(t, "fp16")
+    msg = str(e.value)
+    assert "123456" in msg and "bf16" in msg and "fp32" in msg
+    with pytest.raises(IA2Error, match="--dtype"):
+        encode_activations(t, "int8")
+
+
+# ------------------------------------------------------------------------------ round trip
+
+
+def test_round_trip_several_arrays_and_a_short_last_shard(tmp_path):
+    cache = _make(tmp_path)
+    full = _rows()
+    assert cache.n_shards == 3 and cache.shard_rows(2) == (8, 10)
+    assert cache.status == "partial" and cache.missing_shards() == [0, 1, 2]
+    _fill(cache, full)
+    cache.finalize({"seconds": 1.5, "bytes": 123})
+    assert cache.status == "complete"
+
+    again = Cache.open(cache.path)
+    assert again.status == "complete" and again.manifest["seconds"] == 1.5
+    assert again.manifest["model"] == "tiny" and again.manifest["rows"] == N_ROWS
+    assert again.specs == {s.path: s for s in _specs()}
+    for p, v in full.items():
+        got = again.read(p, 0, N_ROWS)
+        assert got.dtype == v.dtype and np.array_equal(got, v), p
+        assert np.array_equal(again.read(p, 3, 9), v[3:9])
+        assert again.array(p).shards[0] == RPS and again.array(p).chunks[0] == RPC
+    acts = decode_activations(again.read("acts/attn/layer_000", 0, N_ROWS), "bfloat16")
+    assert torch.equal(acts.view(torch.uint16), torch.from_numpy(full["acts/attn/layer_000"]))
+    assert again.array("acts/attn/layer_000").attrs["logical_dtype"] == "bfloat16"
+    assert again.bytes_on_disk() > sum(v.nbytes for v in full.values()) // 4
+    assert again.verify() == []
+
+
+def test_write_shard_checks_its_input(tmp_path):
+    cache = _make(tmp_path)
+    full = _rows()
+    data = {p: v[0:4] for p, v in full.items()}
+    with pytest.raises(ValueError, match="missing arrays"):
+        cache.write_shard(0, {k: v for k, v in data.items() if k != "rows/example_id"})
+    with pytest.raises(ValueError, match="expected shape"):
+        cache.write_shard(0, {**data, "rows/example_id": full["rows/example_id"][0:3]})
+    with pytest.raises(ValueError, match="dtype"):
+        cache.write_shard(0, {**data, "rows/example_id": data["rows/example_id"].astype("int32")})
+    with pytest.raises(IndexError):
+        cache.write_shard(3, data)
+    assert cache.done_shards() == set()
+
+
+def test_array_spec_refuses_bad_paths():
+    for bad in ("../x", "/abs", "a/../b", "a//b", "ledger/x", ".lock", ""):
+        with pytest.raises(ValueError):
+            ArraySpec(bad, (1,), "float32")
+    with pytest.raises(ValueError):
+        ArraySpec("x", (1,), "float32", logical_dtype="bfloat16")
+
+
+# ---------------------------------------------------------------------- resume, manifest
+
+
+def test_resume_reports_missing_shards(tmp_path):
+    full = _rows()
+    cache = _make(tmp_path)
+    _fill(cache, full, shards=[0, 2])
+    again = _make(tmp_path)  # same manifest: resume, not overwrite
+    assert again.done_shards() == {0, 2}
+    assert again.missing_shards() == [1]
+    assert np.array_equal(again.read("tokens/student_ids", 0, 4), full["tokens/student_ids"][:4])
+    with pytest.raises(IA2Error, match="1 of 3 shards missing"):
+        again.finalize()
+    assert Cache.open(again.path).status == "partial"
+    reader = Cache.open(again.path)  # opened read-only; writing reopens it for writing
+    _fill(reader, full, shards=[1])
+    reader.finalize()
+    assert again.missing_shards() == [] and Cache.open(again.path).status == "complete"
+    assert reader.verify() == []
+    with pytest.raises(IA2Error, match="complete"):
+        _fill(reader, full, shards=[1])
+
+
+def test_create_or_open_refuses_a_different_manifest(tmp_path):
+    _make(tmp_path, {"model": "tiny", "n": 8, "versions": {"zarr": "3.1"}})
+    # volatile fields may differ
+    _make(tmp_path, {"model": "tiny", "n": 8, "versions": {"zarr": "9.9"}})
+    with pytest.raises(IA2Error) as e:
+        _make(tmp_path, {"model": "tiny", "n": 16})
+    assert "n" in str(e.value) and "16" in str(e.value) and "refusing" in str(e.value)
+    with pytest.raises(IA2Error, match="seed"):
+        _make(tmp_path, {"model": "tiny", "n": 8, "seed": 3})
+    other = _specs()
+    other[1] = ArraySpec("acts/attn/layer_001", (T, H), "float16", stats=True, compress=False)
+    with pytest.raises(IA2Error, match=r"arrays\.acts/attn/layer_001\.dtype"):
+        _make(tmp_path, specs=other)
+    with pytest.raises(IA2Error, match="rows_per_shard"):
+        Cache.create_or_open(tmp_path, KEY, {"model": "tiny", "n": 8}, _specs(), N_ROWS, 2, 2)
+
+
+def test_create_or_open_recreates_an_array_a_crash_left_out(tmp_path):
+    cache = _make(tmp_path)
+    shutil.rmtree(cache.path / "rows" / "example_id")
+    again = _make(tmp_path)
+    assert again.array("rows/example_id").shape == (N_ROWS,)
+    _fill(again, _rows())
+    assert again.verify() == []
+    # an array whose layout differs from the manifest is refused, not rewritten
+    shutil.rmtree(cache.path / "rows" / "example_id")
+    zarr.create_array(cache.path, name="rows/example_id", shape=(N_ROWS,), dtype="int32")
+    with pytest.raises(IA2Error, match="rows/example_id"):
+        _make(tmp_path)
+
+
+def test_open_refuses_what_is_not_a_cache(tmp_path):
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(IA2Error, match="plain"):
+        Cache.open(tmp_path / "plain")
+    with pytest.raises(IA2Error, match="nowhere"):
+        Cache.open(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------------------------- ledger
+
+
+def test_ledger_entries_are_written_atomically(tmp_path):
+    cache = _make(tmp_path)
+    full = _rows()
+    _fill(cache, full)
+    ledger = cache.path / "ledger"
+    names = sorted(os.listdir(ledger))
+    assert names == ["shard_000000.json", "shard_000001.json", "shard_000002.json"]
+    entry = json.loads((ledger / "shard_000002.json").read_text())
+    assert entry["shard"] == 2 and entry["rows"] == [8, 10]
+    acts = entry["arrays"]["acts/attn/layer_000"]
+    assert acts["sha256"] == hashlib.sha256(full["acts/attn/layer_000"][8:10].tobytes()).hexdigest()
+    assert (
+        len(acts["chunks"]) == 1
+        and len(
+            json.loads((ledger / "shard_000000.json").read_text())["arrays"]["tokens/student_ids"][
+                "chunks"
+            ]
+        )
+        == 2
+    )
+    assert set(acts["stats"]) >= {"mean", "std", "max_abs", "nan_count", "inf_count"}
+    assert "stats" not in entry["arrays"]["tokens/student_ids"]
+
+
+def test_failed_ledger_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    cache = _make(tmp_path)
+    full = _rows()
+
+    real_replace = os.replace
+
+    def failing_ledger_rename(src, dst, *a, **k):
+        # zarr renames its own files too: fail only the ledger's rename
+        if Path(dst).parent.name == "ledger":
+            raise OSError("disk full")
+        return real_replace(src, dst, *a, **k)
+
+    monkeypatch.setattr(os, "replace", failing_ledger_rename)
+    with pytest.raises(OSError, match="disk full"):
+        _fill(cache, full, shards=[0])
+    monkeypatch.undo()
+    assert os.listdir(cache.path / "ledger") == []  # no temp file, and shard 0 is not done
+    assert cache.missing_shards() == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------------------- verify
+
+
+@pytest.fixture
+def complete(tmp_path) -> Cache:
+    cache = _make(tmp_path, specs=_specs(compress_acts=False))
+    _fill(cache, _rows())
+    cache.finalize()
+    assert cache.verify() == []
+    return cache
+
+
+def test_verify_names_array_and_rows_of_a_flipped_byte(complete):
+    _flip_middle_byte(_shard_file(complete, "acts/attn/layer_001", 1))
+    problems = Cache.open(complete.path).verify()
+    assert len(problems) == 1, problems
+    p = problems[0]
+    assert p.array == "acts/attn/layer_001" and p.reason == "checksum mismatch"
+    assert p.rows in {(4, 6), (6, 8)}  # one chunk of shard 1, not the whole shard
+    assert p.to_dict() == {"array": p.array, "rows": list(p.rows), "reason": p.reason}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_verify_reports_damage_in_a_compressed_shard(tmp_path, seed):
+    # big enough, and compressible enough, that blosc really stores a zstd stream
+    spec = ArraySpec("acts/resid/layer_000", (16, 64), "uint16", "bfloat16", compress=True)
+    cache = Cache.create_or_open(tmp_path, KEY, {"m": 1}, [spec], 8, 4, 2)
+    g = torch.Generator().manual_seed(seed)
+    x = encode_activations(torch.randint(0, 3, (8, 16, 64), generator=g).float(), "bf16")
+    for s in range(cache.n_shards):
+        a, b = cache.shard_rows(s)
+        cache.write_shard(s, {spec.path: x[a:b]})
+    cache.finalize()
+    assert cache.verify() == []
+    f = _shard_file(cache, spec.path, 1)
+    assert f.stat().st_size < x[4:8].nbytes // 4  # compressed
+    _flip_middle_byte(f)
+    problems = cache.verify()
+    assert problems, "damage went unnoticed"
+    for p in problems:
+        assert p.array == spec.path and 4 <= p.rows[0] < p.rows[1] <= 8, p
+        assert "unreadable" in p.reason or "checksum mismatch" in p.reason, p.reason
+
+
+def test_verify_reports_a_deleted_shard_file(complete):
+    _shard_file(complete, "tokens/student_ids", 2).unlink()
+    problems = complete.verify()
+    assert [(p.array, p.rows) for p in problems] == [("tokens/student_ids", (8, 10))]
+    assert "missing" in problems[0].reason
+
+
+def test_all_zero_shard_is_still_written_and_verifiable(tmp_path):
+    cache = _make(tmp_path)
+    zeros = {p: np.zeros_like(v) for p, v in _rows().items()}
+    _fill(cache, zeros)
+    assert _shard_file(cache, "rows/example_id", 0).stat().st_size > 0
+    assert cache.verify() == []
+
+
+def test_verify_reports_missing_ledger_entries(complete, tmp_path):
+    (complete.path / "ledger" / "shard_000001.json").unlink()
+    assert complete.verify() == [Problem("*", (4, 8), "shard not in ledger")]
+    partial = Cache.create_or_open(tmp_path / "other", KEY, {"m": 1}, _specs(), N_ROWS, RPS, RPC)
+    _fill(partial, _rows(), shards=[1])
+    assert partial.verify() == [
+        Problem("*", (0, 4), "missing (partial cache)"),
+        Problem("*", (8, 10), "missing (partial cache)"),
+    ]
+
+
+# ----------------------------------------------------------------------------------- stats
+
+
+def test_pooled_stats_equal_numpy_over_the_whole_array(tmp_path):
+    cache = _make(tmp_path)
+    full = _rows()
+    _fill(cache, full)
+    for p, logical in (("acts/attn/layer_000", "bfloat16"), ("acts/attn/layer_001", None)):
+        x = decode_activations(full[p], logical).double().numpy()
+        st = cache.stats(p)
+        assert st["count"] == x.size and st["shards"] == 3
+        assert st["mean"] == pytest.approx(x.mean(), rel=1e-12, abs=1e-12)
+        assert st["var"] == pytest.approx(x.var(), rel=1e-12)
+        assert st["max_abs"] == np.abs(x).max()
+        assert st["nan_count"] == 0 and st["inf_count"] == 0
+    with pytest.raises(ValueError):
+        cache.stats("tokens/student_ids")
+
+
+def test_nan_in_an_activation_shard_shows_in_stats_and_verify(tmp_path):
+    cache = _make(tmp_path)
+    full = _rows()
+    acts = decode_activations(full["acts/attn/layer_000"], "bfloat16").clone()
+    acts[5, 1, 2] = float("nan")
+    acts[6, 0, 0] = float("nan")
+    acts[9, 2, 4] = float("inf")
+    full["acts/attn/layer_000"] = encode_activations(acts, "bf16")
+    _fill(cache, full)
+    cache.finalize()
+    st = cache.stats("acts/attn/layer_000")
+    assert st["nan_count"] == 2 and st["inf_count"] == 1
+    finite = acts.double().numpy()
+    finite = finite[np.isfinite(finite)]
+    assert st["count"] == finite.size and st["var"] == pytest.approx(finite.var(), rel=1e-12)
+    problems = cache.verify()
+    assert Problem("acts/attn/layer_000", (4, 8), "2 NaN values written by the teacher") in problems
+    assert (
+        Problem("acts/attn/layer_000", (8, 10), "1 Inf values written by the teacher") in problems
+    )
+    assert len(problems) == 2
+
+
+# ----------------------------------------------------------------------- resolving, listing
+
+
+def test_resolve_cache(tmp_path):
+    store = tmp_path / "store"
+    cache = _make(store)
+    assert resolve_cache(store, KEY) == cache.path.resolve()
+    assert resolve_cache(str(store), str(cache.path.resolve())) == cache.path.resolve()
+    assert resolve_cache(store, "fedcba9876543210") == (store / "fedcba9876543210").resolve()
+    for bad in ("../x", "..", f"{KEY}/../../x", "."):
+        with pytest.raises(IA2Error, match="outside the store"):
+            resolve_cache(store, bad)
+    (tmp_path / "elsewhere").mkdir()
+    for bad in (str(tmp_path / "elsewhere"), "/etc"):
+        with pytest.raises(IA2Error, match="not an ia2cache cache"):
+            resolve_cache(store, bad)
+    with pytest.raises(IA2Error, match="16-hex-char key"):
+        resolve_cache(store, "nosuchname")
+    os.symlink(tmp_path / "elsewhere", store / "link")
+    with pytest.raises(IA2Error, match="outside the store"):
+        resolve_cache(store, "link")
+
+
+def test_list_caches_sorted_by_created(tmp_path):
+    assert list_caches(tmp_path / "none") == []
+    a = Cache.create_or_open(tmp_path, "aaaaaaaaaaaaaaaa", {"m": 1}, _specs(), N_ROWS, RPS, RPC)
+    b = Cache.create_or_open(tmp_path, "bbbbbbbbbbbbbbbb", {"m": 2}, _specs(), N_ROWS, RPS, RPC)
+    (tmp_path / "junk").mkdir()
+    listed = list_caches(tmp_path)
+    assert [m["key"] for m in listed] == [a.key, b.key]
+    assert listed[1]["m"] == 2 and listed[1]["status"] == "partial"
+    assert listed[0]["created"] <= listed[1]["created"]
+
+
+# ------------------------------------------------------------------------------------ lock
+
+_HOLD_LOCK = """
+import sys
+from ia2cache.store import Cache
+with Cache.open(sys.argv[1]).lock():
+    print("locked", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_lock_refuses_a_second_writer(tmp_path):
+    cache = _make(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCK, str(cache.path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(IA2Error, match="another ia2cache process is writing"), cache.lock():
+            pass
+    finally:
+        proc.communicate("", timeout=30)
+    assert proc.returncode == 0
+    # released when the holder is gone; a second lock in this process is refused too
+    with cache.lock(), pytest.raises(IA2Error, match="stale lock"), cache.lock():
+        pass
+    with cache.lock():
+        pass
