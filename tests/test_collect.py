@@ -1,0 +1,254 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from ia2cache.collect import CollectConfig, collect
+from ia2cache.errors import IA2Error
+from ia2cache.models import load_model
+from ia2cache.prompts import PromptConfig, build_pairs
+from ia2cache.sites import SITES, decoder_layers
+from ia2cache.store import Cache
+from ia2cache.tasks import load_task
+
+WORDS = ["hot", "up", "big", "walk", "go", "France", "Spain", "Italy", "The food was great"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, tiny_tok: Any) -> dict[str, Any]:
+    from ia2cache.testing import tiny_llama
+
+    d = tmp_path_factory.mktemp("collect")
+    tiny_llama(len(tiny_tok)).save_pretrained(d / "model")
+    tiny_tok.save_pretrained(d / "model")
+    # Inputs of very different lengths, so batches mix short and long rows.
+    lines = [
+        json.dumps({"input": " ".join(WORDS[: 1 + (i * 5) % 9]) + f" {i}", "target": WORDS[(i * 3) % 5]})
+        for i in range(90)
+    ]
+    (d / "task.jsonl").write_text("\n".join(lines) + "\n")
+    return {"dir": d, "model": str(d / "model"), "task": str(d / "task.jsonl")}
+
+
+@pytest.fixture(scope="module")
+def loaded(env: dict[str, Any]) -> Any:
+    return load_model(env["model"], device="cpu")
+
+
+def _cfg(env: dict[str, Any], store: Path, **kw: Any) -> CollectConfig:
+    base = dict(model=env["model"], task=env["task"], n=12, k=3, store=str(store), dtype="fp32",
+                batch_size=4, shard_rows=8, chunk_rows=4)
+    base.update(kw)
+    return CollectConfig(**base)
+
+
+def _arrays(path: str) -> dict[str, np.ndarray]:
+    c = Cache.open(path)
+    return {p: c.read(p, 0, c.n_rows) for p in c.specs}
+
+
+def _hook_reference(model: Any, site: str, layer: int, seq: list[int], pos: list[int]) -> torch.Tensor:
+    """The activation computed by a plain forward at batch size 1 with a forward hook."""
+    got: dict[str, torch.Tensor] = {}
+    mod = SITES[site].module(decoder_layers(model)[layer])
+    h = mod.register_forward_hook(lambda m, a, o: got.__setitem__("x", o))
+    with torch.no_grad():
+        model(input_ids=torch.tensor([seq]))
+    h.remove()
+    return got["x"][0, pos]
+
+
+@pytest.mark.parametrize("response,t", [("icl", 1), ("icl", 3), ("target", 2)])
+def test_batched_equals_unbatched_and_hook_reference(env: dict[str, Any], loaded: Any, tmp_path: Path,
+                                                     response: str, t: int) -> None:
+    a = collect(_cfg(env, tmp_path / "a", response=response, max_new_tokens=t, batch_size=8), loaded)
+    b = collect(_cfg(env, tmp_path / "b", response=response, max_new_tokens=t, batch_size=1), loaded)
+    assert a.key == b.key  # batch size is not part of the key
+    xa, xb = _arrays(a.cache), _arrays(b.cache)
+    for p in xa:
+        if p.startswith("acts/"):
+            np.testing.assert_allclose(xa[p], xb[p], atol=2e-5, rtol=1e-4, err_msg=p)
+        else:
+            np.testing.assert_array_equal(xa[p], xb[p], err_msg=p)
+    # Against a plain bs=1 forward with hooks, on the stored response.
+    for r in (0, 5, 13):
+        ids = list(xa["tokens/teacher_ids"][r, : xa["tokens/teacher_len"][r]])
+        resp = list(xa["tokens/response_ids"][r, : xa["tokens/response_len"][r]])
+        n = xa["tokens/positions_len"][r]
+        pos = list(xa["tokens/teacher_positions"][r, :n])
+        ref = _hook_reference(loaded.model, "attn", 2, ids + resp, pos)
+        np.testing.assert_allclose(xa["acts/attn/layer_002"][r, :n], ref.numpy(), atol=2e-5, rtol=1e-4)
+        assert not xa["acts/attn/layer_002"][r, n:].any()  # pads are zero
+        if response == "icl":  # the response is the teacher's greedy continuation
+            with torch.no_grad():
+                logits = loaded.model(input_ids=torch.tensor([ids + resp])).logits[0]
+            greedy = logits[[len(ids) - 1 + j for j in range(len(resp))]].argmax(-1).tolist()
+            assert resp == greedy
+
+
+def test_positions_and_tokens_match_prompt_pairs(env: dict[str, Any], loaded: Any, tmp_path: Path) -> None:
+    res = collect(_cfg(env, tmp_path, response="target", max_new_tokens=2, positions="query+response"),
+                  loaded)
+    x = _arrays(res.cache)
+    task = load_task(env["task"])
+    pairs = build_pairs(task, loaded.tokenizer, PromptConfig(n=12, k=3, seed=0)).rows
+    assert res.rows == len(pairs) == 18
+    for r, p in enumerate(pairs):
+        n_resp = min(2, len(p.target_ids))
+        tp, sp = p.positions(n_resp, "query+response")
+        n = x["tokens/positions_len"][r]
+        assert n == len(tp) == p.query_len - 1 + n_resp
+        assert list(x["tokens/teacher_positions"][r, :n]) == tp
+        assert list(x["tokens/student_positions"][r, :n]) == sp
+        assert list(x["tokens/student_ids"][r, : x["tokens/student_len"][r]]) == list(p.student_ids)
+        assert x["tokens/teacher_len"][r] - 1 == tp[p.query_len - 1]  # hand-computed: last prompt token
+        assert x["rows/split"][r] == (0 if p.split == "train" else 1)
+        assert task.pool[x["rows/example_index"][r]].id == p.example_id
+
+
+@pytest.mark.parametrize("site", sorted(SITES))
+def test_sites_and_layer_subsets_give_right_shapes(env: dict[str, Any], loaded: Any, tmp_path: Path,
+                                                   site: str) -> None:
+    res = collect(_cfg(env, tmp_path, site=site, layers="0,2-3", max_new_tokens=2, topk_logits=4), loaded)
+    c = Cache.open(res.cache)
+    acts = sorted(p for p in c.specs if p.startswith("acts/"))
+    assert acts == [f"acts/{site}/layer_000", f"acts/{site}/layer_002", f"acts/{site}/layer_003"]
+    assert c.read(acts[0], 0, 3).shape == (3, 2, 64)
+    assert c.read("logits/topk_ids", 0, 3).shape == (3, 2, 4)
+    assert c.manifest["site"] == site and c.manifest["layers"] == [0, 2, 3]
+    x = _arrays(res.cache)
+    r, n = 4, x["tokens/positions_len"][4]
+    ids = list(x["tokens/teacher_ids"][r, : x["tokens/teacher_len"][r]])
+    resp = list(x["tokens/response_ids"][r, : x["tokens/response_len"][r]])
+    ref = _hook_reference(loaded.model, site, 3, ids + resp, list(x["tokens/teacher_positions"][r, :n]))
+    np.testing.assert_allclose(x[f"acts/{site}/layer_003"][r, :n], ref.numpy(), atol=2e-5, rtol=1e-4)
+
+
+def test_bf16_store_is_bit_exact_rounding_of_fp32(env: dict[str, Any], loaded: Any, tmp_path: Path) -> None:
+    f32 = _arrays(collect(_cfg(env, tmp_path / "f", dtype="fp32"), loaded).cache)
+    b16 = collect(_cfg(env, tmp_path / "b", dtype="bf16"), loaded)
+    c = Cache.open(b16.cache)
+    raw = c.read("acts/attn/layer_001", 0, c.n_rows)
+    assert raw.dtype == np.uint16
+    want = torch.from_numpy(f32["acts/attn/layer_001"]).to(torch.bfloat16).view(torch.uint16).numpy()
+    np.testing.assert_array_equal(raw, want)
+
+
+def test_reuse_does_no_model_work_and_resume_only_missing(env: dict[str, Any], tmp_path: Path) -> None:
+    lm = load_model(env["model"], device="cpu")
+    calls = {"n": 0}
+    orig = lm.model.forward
+
+    def counting(*a: Any, **k: Any) -> Any:
+        calls["n"] += 1
+        return orig(*a, **k)
+
+    lm.model.forward = counting
+    cfg = _cfg(env, tmp_path, batch_size=4, shard_rows=4, chunk_rows=4)
+    first = collect(cfg, lm)
+    assert not first.reused and first.status == "complete" and calls["n"] == 5  # 18 rows / 4
+    calls["n"] = 0
+    again = collect(cfg, lm)
+    assert again.reused and calls["n"] == 0 and again.key == first.key
+    # Drop two shards' ledger entries (as if killed before them): only those are recomputed.
+    c = Cache.open(first.cache)
+    for s in (1, 3):
+        (c.path / "ledger" / f"shard_{s:06d}.json").unlink()
+    m = json.loads((c.path / "zarr.json").read_text())
+    m["attributes"]["manifest"]["status"] = "partial"
+    (c.path / "zarr.json").write_text(json.dumps(m))
+    before = _arrays(first.cache)
+    resumed = collect(cfg, lm)
+    assert not resumed.reused and resumed.shards_computed == 2 and calls["n"] == 2
+    after = _arrays(first.cache)
+    for p in before:
+        np.testing.assert_array_equal(before[p], after[p], err_msg=p)
+
+
+def test_key_changes_with_what_changes_the_data(env: dict[str, Any], loaded: Any, tmp_path: Path) -> None:
+    base = _cfg(env, tmp_path)
+    keys = {collect(base, loaded).key}
+    for change in ({"seed": 1}, {"site": "mlp"}, {"layers": "0-1"}, {"dtype": "bf16"}, {"n": 10}):
+        keys.add(collect(replace(base, **change), loaded).key)
+    assert len(keys) == 6
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"site": "nope"}, "--site nope"),
+        ({"layers": "0-9"}, "--layers 0-9: layer 4 does not exist"),
+        ({"layers": "a"}, "--layers a"),
+        ({"n": 500}, "--n 500"),
+        ({"response": "x"}, "--response x"),
+        ({"dtype": "int8"}, "--dtype int8"),
+        ({"max_new_tokens": 0}, "--max-new-tokens 0"),
+        ({"shard_rows": 6}, "--shard-rows 6"),
+        ({"k": 40}, "--k 40"),
+        ({"k": 11, "max_new_tokens": 2000}, "exceeds the model's context"),
+    ],
+)
+def test_bad_collect_input(env: dict[str, Any], loaded: Any, tmp_path: Path, kw: dict[str, Any],
+                           needle: str) -> None:
+    with pytest.raises(IA2Error, match=needle):
+        collect(_cfg(env, tmp_path, **kw), loaded)
+    assert not any((tmp_path).glob("*/zarr.json"))  # nothing half-made
+
+
+def test_fp16_overflow_refused_and_nothing_marked_complete(env: dict[str, Any], tmp_path: Path) -> None:
+    lm = load_model(env["model"], device="cpu")
+    with torch.no_grad():
+        decoder_layers(lm.model)[1].self_attn.o_proj.weight.mul_(1e6)
+    with pytest.raises(IA2Error, match="fp16"):
+        collect(_cfg(env, tmp_path, dtype="fp16"), lm)
+    (cache,) = [p.parent for p in tmp_path.glob("*/zarr.json")]
+    assert Cache.open(cache).status == "partial"
+
+
+_CHILD = """
+import sys
+from ia2cache.collect import CollectConfig, collect
+m, t, s = sys.argv[1:4]
+collect(CollectConfig(model=m, task=t, n=30, k=4, store=s, batch_size=2, shard_rows=2, chunk_rows=2,
+                      max_new_tokens=2, topk_logits=3))
+"""
+
+
+def _run_child(env: dict[str, Any], store: Path, fault: str | None) -> subprocess.CompletedProcess:
+    script = env["dir"] / "child.py"
+    script.write_text(_CHILD)
+    e = dict(os.environ)
+    e.pop("IA2CACHE_FAULT", None)
+    if fault:
+        e["IA2CACHE_FAULT"] = fault
+    return subprocess.run([sys.executable, str(script), env["model"], env["task"], str(store)],
+                          env=e, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("fault", ["store.mid_shard:7", "store.before_ledger:11"])
+def test_sigkill_then_rerun_is_bit_identical(env: dict[str, Any], tmp_path: Path, fault: str) -> None:
+    clean = _run_child(env, tmp_path / "clean", None)
+    assert clean.returncode == 0, clean.stderr
+    killed = _run_child(env, tmp_path / "killed", fault)
+    assert killed.returncode == -signal.SIGKILL
+    (cache,) = [p.parent for p in (tmp_path / "killed").glob("*/zarr.json")]
+    assert Cache.open(cache).status == "partial"
+    rerun = _run_child(env, tmp_path / "killed", None)
+    assert rerun.returncode == 0, rerun.stderr
+    (ref,) = [p.parent for p in (tmp_path / "clean").glob("*/zarr.json")]
+    assert ref.name == cache.name
+    a, b = _arrays(str(ref)), _arrays(str(cache))
+    assert a.keys() == b.keys()
+    for p in a:
+        np.testing.assert_array_equal(a[p], b[p], err_msg=p)
+    assert Cache.open(cache).verify() == [] and Cache.open(cache).status == "complete"
