@@ -23,6 +23,7 @@ from rich.table import Table
 
 from ia2cache._docs import field_docs
 from ia2cache.collect import CollectConfig
+from ia2cache.distill import DistillConfig
 from ia2cache.errors import IA2Error
 from ia2cache.evaluate import EvalConfig
 
@@ -40,6 +41,7 @@ err = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 _EVAL = field_docs(EvalConfig)
 _COL = field_docs(CollectConfig)
+_DIS = field_docs(DistillConfig)
 JSON_OPT = typer.Option(False, "--json", help="Print one JSON object on stdout (progress stays on stderr).")
 
 
@@ -111,6 +113,7 @@ def eval_cmd(
     model: str = typer.Option("default", "--model", help="'default', a model directory or a hub id."),
     icl: bool = typer.Option(False, "--icl", help="Evaluate the base model with k demos (ICL)."),
     base: bool = typer.Option(False, "--base", help="Evaluate the base model without demos."),
+    adapter: str | None = typer.Option(None, "--adapter", help="Evaluate a distilled adapter directory."),
     k: int = typer.Option(4, "--k", help=_EVAL["k"]),
     n_eval: int = typer.Option(200, "--n-eval", help=_EVAL["n_eval"]),
     seed: int = typer.Option(0, "--seed", help=_EVAL["seed"]),
@@ -126,26 +129,30 @@ def eval_cmd(
 
       ia2cache eval --task capitals --base
       ia2cache eval --task sentiment_remap --icl --k 8 --n-eval 100 --json
+      ia2cache eval --task sentiment_remap --adapter ~/.cache/ia2cache/runs/KEY/a2t-lora-lr0.001-s0
     """
-    from ia2cache.evaluate import evaluate
+    from ia2cache.evaluate import evaluate, load_adapter
     from ia2cache.models import load_model
     from ia2cache.tasks import load_task
 
-    if icl and base:
-        raise IA2Error("--icl and --base: choose one")
-    if not (icl or base):
-        raise IA2Error("choose --icl or --base (--adapter arrives with distill)")
-    config = EvalConfig(mode="icl" if icl else "base", k=k, n_eval=n_eval, seed=seed,
-                        batch_size=batch_size)
+    if sum([icl, base, adapter is not None]) != 1:
+        raise IA2Error("choose exactly one of --icl, --base and --adapter DIR")
+    mode = "icl" if icl else "base" if base else "adapter"
+    config = EvalConfig(mode=mode, k=k, n_eval=n_eval, seed=seed, batch_size=batch_size)
     t = load_task(task, template=template, separator=separator, eval_fraction=eval_fraction)
-    loaded = load_model(model)
-    result = evaluate(loaded.model, loaded.tokenizer, t, config)
-    result["model"] = loaded.info.to_dict()
+    if adapter is not None:
+        net, tok, record = load_adapter(adapter)
+        info = {"name": record.get("model_spec", "default"), "adapter": str(adapter)}
+    else:
+        loaded = load_model(model)
+        net, tok, info = loaded.model, loaded.tokenizer, loaded.info.to_dict()
+    result = evaluate(net, tok, t, config)
+    result["model"] = info
     result["pool"] = len(t.pool)
     if json_out:
         emit_json(result)
         return
-    table = Table(title=f"{t.name} · {result['mode']} · {loaded.info.name}")
+    table = Table(title=f"{t.name} · {result['mode']} · {info['name']}")
     for col in ("n_eval", "k", "accuracy", "ECE (equal-mass)", "ECE (equal-width)", "NLL"):
         table.add_column(col, justify="right")
     table.add_row(
@@ -357,6 +364,82 @@ def verify(
         out.print(f"[green]intact[/]: {c.path} ({c.n_shards} shards, status {c.status})")
     if problems:
         raise typer.Exit(code=1)
+
+
+@app.command()
+@guarded
+def distill(
+    cache: str = typer.Option(..., "--cache", help=_DIS["cache"]),
+    method: str = typer.Option("a2t", "--method", help=_DIS["method"]),
+    labels: str = typer.Option("gt", "--labels", help=_DIS["labels"]),
+    adapter: str = typer.Option("lora", "--adapter", help=_DIS["adapter"]),
+    lora_r: int = typer.Option(8, "--lora-r", help=_DIS["lora_r"]),
+    lora_alpha: int = typer.Option(8, "--lora-alpha", help=_DIS["lora_alpha"]),
+    target_modules: str = typer.Option("q,k,o", "--target-modules", help=_DIS["target_modules"]),
+    num_virtual_tokens: int = typer.Option(8, "--num-virtual-tokens", help=_DIS["num_virtual_tokens"]),
+    lr: float = typer.Option(1e-4, "--lr", help=_DIS["lr"]),
+    epochs: int = typer.Option(50, "--epochs", help=_DIS["epochs"]),
+    batch_size: int = typer.Option(4, "--batch-size", help=_DIS["batch_size"]),
+    grad_accum: int = typer.Option(1, "--grad-accum", help=_DIS["grad_accum"]),
+    patience: int = typer.Option(5, "--patience", help=_DIS["patience"]),
+    seed: int = typer.Option(0, "--seed", help=_DIS["seed"]),
+    layers: str | None = typer.Option(None, "--layers", help=_DIS["layers"]),
+    normalize: bool = typer.Option(False, "--normalize", help=_DIS["normalize"]),
+    tna_weight: float = typer.Option(0.5, "--tna-weight", help=_DIS["tna_weight"]),
+    model: str | None = typer.Option(None, "--model", help=_DIS["model"]),
+    allow_model_mismatch: bool = typer.Option(
+        False, "--allow-model-mismatch", help=_DIS["allow_model_mismatch"]
+    ),
+    out_dir: str | None = typer.Option(None, "--out", help=_DIS["out"]),
+    store: str | None = typer.Option(None, "--store", help=_DIS["store"]),
+    device: str | None = typer.Option(None, "--device", help=_DIS["device"]),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Train a PEFT adapter on the no-demo student from a cache (the teacher is never run).
+
+    Resumes from <out>/checkpoint after an interruption; a finished run with the same
+    configuration is reused.
+
+    [bold]Examples[/]
+
+      ia2cache distill --cache 3f2a9c0d1b2e4f56 --method a2t --lr 1e-3
+      ia2cache distill --cache 3f2a9c0d1b2e4f56 --method tok --labels gt --seed 1 --json
+      ia2cache distill --cache 3f2a9c0d1b2e4f56 --method act --layers 0-9 --normalize --adapter ia3
+    """
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ia2cache.distill import distill as run_distill
+
+    config = DistillConfig(
+        cache=cache, store=store, method=method, labels=labels, adapter=adapter, lora_r=lora_r,
+        lora_alpha=lora_alpha, target_modules=target_modules, num_virtual_tokens=num_virtual_tokens,
+        lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, patience=patience,
+        seed=seed, layers=layers, normalize=normalize, tna_weight=tna_weight, model=model,
+        allow_model_mismatch=allow_model_mismatch, out=out_dir, device=device,
+    )
+    bar = Progress(TextColumn("[bold]{task.fields[phase]}"), BarColumn(),
+                   TextColumn("epoch {task.fields[epoch]} step {task.completed}/{task.total}"),
+                   TextColumn("loss {task.fields[loss]} dev {task.fields[dev]}"), TimeElapsedColumn(),
+                   console=err)
+    with bar:
+        job = bar.add_task("distill", total=None, phase="-", epoch=0, loss="-", dev="-")
+
+        def progress(ev: dict[str, Any]) -> None:
+            if ev.get("end_of_epoch"):
+                dev = ev["dev_loss"]
+                bar.update(job, dev=f"{dev:.4g}" if dev is not None else "-")
+            else:
+                bar.update(job, completed=ev["step"], total=ev["steps"], epoch=ev["epoch"],
+                           phase=f"{ev['phase'] + 1}:{ev['objective']}", loss=f"{ev['loss']:.4g}")
+
+        result = run_distill(config, progress=progress)
+    info = result.to_dict()
+    if json_out:
+        emit_json(info)
+        return
+    out.print(f"[bold]adapter[/]: {result.adapter}" + (" (reused)" if result.reused else ""))
+    out.print(f"method {result.method} · best epoch per phase {result.best_epoch} · epochs run "
+              f"{result.epochs_run} · final {result.final} · {result.seconds:.1f} s")
 
 
 def main() -> None:

@@ -88,7 +88,7 @@ class CollectConfig:
     dtype: str = "bf16"
     """Stored dtype: bf16 (bit exact as uint16), fp16 (refused on overflow) or fp32."""
     topk_logits: int = 0
-    """Also store the teacher's top-K next-token logits at the aligned positions (0: none)."""
+    """Also store the teacher's top-K next-token log-probs at the aligned positions (0: none)."""
     batch_size: int = 8
     """Rows per teacher forward pass."""
     shard_rows: int = 32
@@ -229,7 +229,9 @@ j < positions_len[r] were taken at teacher position tokens/teacher_positions[r, 
 response, and match student position tokens/student_positions[r, j] of student prompt + response.
 uint16 arrays with attribute logical_dtype=bfloat16 hold bf16 bits (view as bfloat16). Pads are -1
 (ints) or 0 (activations). rows/split: 0 train, 1 dev; rows/example_index and rows/demo_index index
-the task pool (pool order as in the task files).
+the task pool (pool order as in the task files). logits/topk_values are the teacher's top-k
+next-token log-probabilities (log_softmax over the full vocabulary) at the aligned positions,
+logits/topk_ids their token ids.
 """.split())
 
 
@@ -383,7 +385,9 @@ class Teacher:
                 last = torch.tensor([len(tp) - 1 for tp, _ in pos], device=dev)
                 resp = [[int(x)] for x in logits[torch.arange(b), last].argmax(-1).tolist()]
             if self.topk:
-                v, ix = logits.topk(self.topk, dim=-1)
+                # Log-probabilities, not raw logits: with them the mass outside the top k is
+                # known (1 - sum exp), which the tokl objective needs.
+                v, ix = logits.log_softmax(-1).topk(self.topk, dim=-1)
                 out["topk_values"] = v.masked_fill(~valid[..., None].to(dev), 0)
                 out["topk_ids"] = ix.masked_fill(~valid[..., None].to(dev), PAD)
         out["responses"] = resp
@@ -483,8 +487,11 @@ def collect(config: CollectConfig, loaded: Any | None = None,
                              manifest=existing.manifest)
     rows_per_shard = existing.rows_per_shard if existing else config.shard_rows
     rows_per_chunk = existing.rows_per_chunk if existing else config.chunk_rows
-    batch_size = existing.manifest.get("batch_size", config.batch_size) if existing else config.batch_size
-    manifest = {**plan.manifest, "batch_size": batch_size, "versions": _versions()}
+    # Micro-batches are fixed per cache so that a resumed shard is computed bit-identically.
+    batch_size = existing.manifest["about"]["batch_size"] if existing else config.batch_size
+    about = {"batch_size": batch_size, "model_spec": config.model, "task_spec": config.task,
+             "eval_fraction": config.eval_fraction}
+    manifest = {**plan.manifest, "about": about, "versions": _versions()}
     cache = Cache.create_or_open(store, plan.key, manifest, plan.specs, len(plan.rows),
                                  rows_per_shard, rows_per_chunk)
     with cache.lock():

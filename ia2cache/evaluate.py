@@ -8,9 +8,11 @@ answer's sequence probability.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -75,7 +77,8 @@ def _score_single(model: Any, pairs: list[PromptPair], mode: str, pad_id: int, b
         # Right padding: causal attention never lets a real token see the pads after it.
         ids, mask = _pad(seqs, pad_id, left=False)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-        last = torch.tensor([len(s) - 1 for s in seqs], device=device)
+        shift = logits.shape[1] - ids.shape[1]  # prompt tuning prepends virtual tokens
+        last = torch.tensor([shift + len(s) - 1 for s in seqs], device=device)
         logp = torch.log_softmax(logits[torch.arange(len(seqs)), last].float(), dim=-1)
         tgt = torch.tensor([p.target_ids[0] for p in batch], device=device)
         top_lp, top = logp.max(dim=-1)
@@ -113,11 +116,11 @@ def _score_generate(model: Any, tok: Any, task: Task, pairs: list[PromptPair], m
         # NLL of the gold target, teacher-forced.
         full = [s + list(p.target_ids) for s, p in zip(seqs, batch, strict=True)]
         fids, fmask = _pad(full, pad_id, left=False)
-        logp = torch.log_softmax(
-            model(input_ids=fids.to(device), attention_mask=fmask.to(device)).logits.float(), -1
-        )
+        logits = model(input_ids=fids.to(device), attention_mask=fmask.to(device)).logits
+        shift = logits.shape[1] - fids.shape[1]
+        logp = torch.log_softmax(logits.float(), -1)
         for i, (s, p) in enumerate(zip(seqs, batch, strict=True)):
-            pos = torch.arange(len(s) - 1, len(s) - 1 + len(p.target_ids), device=device)
+            pos = torch.arange(shift + len(s) - 1, shift + len(s) - 1 + len(p.target_ids), device=device)
             tgt = torch.tensor(p.target_ids, device=device)
             nll.append(float(-logp[i, pos, tgt].sum()))
     return {"confidence": np.array(conf), "correct": np.array(correct, dtype=bool),
@@ -177,3 +180,20 @@ def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
         "config": asdict(config),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def load_adapter(adapter_dir: str | Path, device: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """Load a distilled adapter onto its base model; returns (model, tokenizer, run.json)."""
+    from peft import PeftModel
+
+    from ia2cache.models import load_model
+
+    folder = Path(adapter_dir).expanduser()
+    run_file = folder / "run.json"
+    if not (folder / "adapter_config.json").is_file():
+        raise IA2Error(f"--adapter {folder}: no adapter_config.json (not an adapter directory)")
+    record = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    loaded = load_model(record.get("model_spec", "default"), device=device)
+    model = PeftModel.from_pretrained(loaded.model, folder)
+    model.eval()
+    return model, loaded.tokenizer, record

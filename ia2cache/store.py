@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION: int = 1
 """Version of the on-disk layout. Part of every cache key."""
 
-VOLATILE_FIELDS: frozenset[str] = frozenset({"created", "status", "versions", "seconds"})
+VOLATILE_FIELDS: frozenset[str] = frozenset({"created", "status", "versions", "seconds", "about"})
 """Manifest fields that may differ between two runs producing the same cache."""
 
 ACTIVATION_DTYPES: dict[str, tuple[str, str | None]] = {

@@ -1,0 +1,632 @@
+"""The loader: stream seeded, resumable training batches from a complete cache.
+
+Each batch holds what a training step needs for its rows: the student prompt, the response
+the teacher's activations were taken on, the gold target, the aligned student positions with
+their mask, the activations of the chosen layers, and the teacher's top-k log-probs when the
+cache has them.
+
+How rows are ordered (a pure function of seed, epoch and chunking; :meth:`CacheLoader.order`):
+the split's rows are grouped by the cache's chunks. With ``shuffle``, epoch ``e`` permutes the
+chunks with ``np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, e])))`` and
+streams their rows through a shuffle buffer (fill it; then each incoming row takes a uniformly
+chosen slot whose old row is emitted; at the end the buffer drains in random order), all with
+that one generator. Batches are consecutive slices of that order.
+
+How data is read: never the whole store. A daemon thread reads chunk by chunk, in the order
+the remaining batches first need them, only the asked layers' arrays (and top-k logits), and
+hands the decoded chunks over a queue of ``prefetch`` entries. The small ``tokens/`` arrays
+are read once per loader, for the split only.
+
+Memory: the assembler keeps decoded chunks until all their rows of the epoch are emitted. A
+row can sit in the shuffle buffer for long, so a chunk whose rows are at least half emitted
+has its remaining rows copied into a compact block and the chunk is dropped; every block then
+holds at most twice its pending rows, and the rows held decoded stay below
+``2 * (batch_size + shuffle_buffer + rows_per_chunk)`` (:attr:`CacheLoader.max_rows_held`), on top
+of the ``prefetch`` chunks in flight. Each row is copied at most about once more this way.
+
+Launch: ``for batch in CacheLoader("<store>/<key>", LoaderConfig(batch_size=4)): ...``
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ia2cache.errors import IA2Error
+from ia2cache.store import Cache, decode_activations
+
+if TYPE_CHECKING:
+    from ia2cache.models import ModelInfo
+
+__all__ = ["Batch", "CacheLoader", "LoaderConfig"]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "dev")
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+_FP16_MAX = 65504.0
+_TOKENS = (
+    "student_ids",
+    "student_len",
+    "response_ids",
+    "response_len",
+    "target_ids",
+    "target_len",
+    "student_positions",
+    "positions_len",
+)
+_TOPK = ("topk_values", "topk_ids")
+_JOIN_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    """How to stream one split of a cache."""
+
+    batch_size: int = 4
+    """Rows per batch."""
+    split: str = "train"
+    """Which rows: train or dev."""
+    layers: tuple[int, ...] | None = None
+    """Layers to load, a subset of the cache's; None: all stored; (): none (token objectives)."""
+    seed: int = 0
+    """Seed of the row order (chunk permutation + shuffle buffer), per epoch."""
+    shuffle: bool = True
+    """Shuffle the rows each epoch; False: row order (dev loaders)."""
+    shuffle_buffer: int = 64
+    """Rows in the shuffle buffer; more mixes better and holds more rows in memory."""
+    prefetch: int = 2
+    """Decoded chunks a background thread reads ahead."""
+    dtype: str = "float32"
+    """Training dtype of activations: float32, bfloat16 or float16."""
+    drop_last: bool = False
+    """Drop the last batch of an epoch when it is short."""
+    topk: bool = True
+    """Load the teacher's cached top-k log-probs when the cache holds them."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise IA2Error(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.split not in SPLITS:
+            raise IA2Error(f"split {self.split!r}: choose train or dev")
+        if self.layers is not None:
+            layers = tuple(int(i) for i in self.layers)
+            if any(i < 0 for i in layers) or len(set(layers)) != len(layers):
+                raise IA2Error(f"--layers {list(self.layers)}: layers must be distinct and >= 0")
+            object.__setattr__(self, "layers", layers)
+        if self.seed < 0:
+            raise IA2Error(f"--seed {self.seed}: must be 0 or more")
+        if self.shuffle_buffer < 1:
+            raise IA2Error(f"shuffle_buffer {self.shuffle_buffer}: must be at least 1")
+        if self.prefetch < 1:
+            raise IA2Error(f"prefetch {self.prefetch}: must be at least 1")
+        if self.dtype not in TORCH_DTYPES:
+            raise IA2Error(f"loader dtype {self.dtype!r}: choose one of {', '.join(TORCH_DTYPES)}")
+
+
+@dataclass
+class Batch:
+    """One training batch. Token ids are right padded with the loader's ``pad_id``."""
+
+    rows: torch.Tensor
+    """(B,) int64: the rows of the cache."""
+    student_ids: torch.Tensor
+    """(B, L) int64: student prompts; L is the longest in the batch."""
+    student_len: torch.Tensor
+    """(B,) int64."""
+    response_ids: torch.Tensor
+    """(B, T) int64: the response the activations were taken on."""
+    response_len: torch.Tensor
+    """(B,) int64."""
+    target_ids: torch.Tensor
+    """(B, Tg) int64: the gold target (" " + target); Tg is the longest in the batch."""
+    target_len: torch.Tensor
+    """(B,) int64."""
+    student_positions: torch.Tensor
+    """(B, P) int64: student positions of the aligned slots (in prompt + response); pads are 0."""
+    position_mask: torch.Tensor
+    """(B, P) bool: True at the slots that hold an aligned position."""
+    acts: dict[int, torch.Tensor]
+    """Layer -> (B, P, H) teacher activations in the loader's dtype; zero at masked slots."""
+    topk_values: torch.Tensor | None = None
+    """(B, P, K) float32 teacher top-k log-probs, or None."""
+    topk_ids: torch.Tensor | None = None
+    """(B, P, K) int64 their token ids (pads are 0), or None."""
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """A copy with every tensor on ``device``."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        kw: dict[str, Any] = {f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "acts"}
+        kw["acts"] = {i: move(a) for i, a in self.acts.items()}
+        return Batch(**kw)
+
+
+# ----------------------------------------------------------------------------- order
+
+
+def _rng(seed: int, epoch: int) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
+
+
+def _shuffle_rows(chunks: list[tuple[int, int]], buffer: int, rng: np.random.Generator) -> np.ndarray:
+    """Permute the chunks, then stream their rows through a shuffle buffer of ``buffer`` rows."""
+    perm = rng.permutation(len(chunks))
+    stream = np.concatenate([np.arange(*chunks[i], dtype=np.int64) for i in perm])
+    n = len(stream)
+    b = min(buffer, n)
+    out = np.empty(n, dtype=np.int64)
+    buf = stream[:b].copy()
+    slots = rng.integers(0, b, size=n - b)
+    for i, j in enumerate(slots.tolist()):
+        out[i] = buf[j]
+        buf[j] = stream[b + i]
+    out[n - b :] = buf[rng.permutation(b)]
+    return out
+
+
+# ----------------------------------------------------------------------------- assembly
+
+
+class _Block:
+    """Decoded rows held in memory: a chunk as read, or the pending rows of several."""
+
+    __slots__ = ("data", "live", "rows")
+
+    def __init__(self, rows: np.ndarray, data: dict[str, torch.Tensor]) -> None:
+        self.rows = rows
+        self.data = data
+        self.live = len(rows)
+
+
+class _Assembler:
+    """Holds decoded blocks, gathers batches from them, and drops or compacts spent ones."""
+
+    def __init__(self, start: int, pending: np.ndarray) -> None:
+        self.start = start
+        self.pending = pending  # over the split's rows: still to be emitted this epoch
+        self.block_of = np.full(len(pending), -1, dtype=np.int64)
+        self.local_of = np.zeros(len(pending), dtype=np.int64)
+        self.blocks: dict[int, _Block] = {}
+        self.rows_held = 0
+        self._next = 0
+
+    def add(self, rows: np.ndarray, data: dict[str, torch.Tensor]) -> None:
+        keep = self.pending[rows - self.start]
+        if not keep.all():  # rows consumed before a resume, or in a dropped last batch
+            idx = torch.from_numpy(np.flatnonzero(keep))
+            data = {k: v.index_select(0, idx) for k, v in data.items()}
+            rows = rows[keep]
+        if len(rows):
+            self._new_block(rows, data)
+
+    def _new_block(self, rows: np.ndarray, data: dict[str, torch.Tensor]) -> None:
+        bid, self._next = self._next, self._next + 1
+        self.blocks[bid] = _Block(rows, data)
+        self.block_of[rows - self.start] = bid
+        self.local_of[rows - self.start] = np.arange(len(rows))
+        self.rows_held += len(rows)
+
+    def take(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        """The data of ``rows`` (in that order); marks them emitted."""
+        off = rows - self.start
+        bids = self.block_of[off]
+        if (bids < 0).any():
+            raise RuntimeError(f"loader bug: rows {rows[bids < 0].tolist()} were not loaded")
+        groups = {b: np.flatnonzero(bids == b) for b in dict.fromkeys(bids.tolist())}
+        keys = next(iter(self.blocks.values())).data.keys()
+        if len(groups) == 1:
+            (bid,) = groups
+            idx = torch.from_numpy(self.local_of[off])
+            out = {k: self.blocks[bid].data[k].index_select(0, idx) for k in keys}
+        else:
+            # Gather block by block, then put the rows back in batch order.
+            inv = torch.from_numpy(np.argsort(np.concatenate(list(groups.values()))))
+            locs = {b: torch.from_numpy(self.local_of[off[g]]) for b, g in groups.items()}
+
+            def gather(k: str) -> torch.Tensor:
+                parts = [self.blocks[b].data[k].index_select(0, locs[b]) for b in groups]
+                return torch.cat(parts).index_select(0, inv)
+
+            out = {k: gather(k) for k in keys}
+        self.pending[off] = False
+        self.block_of[off] = -1
+        for b, g in groups.items():
+            self.blocks[b].live -= len(g)
+        self._release(list(groups))
+        return out
+
+    def _release(self, touched: list[int]) -> None:
+        """Drop spent blocks; merge the pending rows of half-spent ones into one new block."""
+        merge = []
+        for b in touched:
+            blk = self.blocks[b]
+            if blk.live == 0:
+                del self.blocks[b]
+                self.rows_held -= len(blk.rows)
+            elif 2 * blk.live <= len(blk.rows):
+                merge.append(self.blocks.pop(b))
+                self.rows_held -= len(blk.rows)
+        if not merge:
+            return
+        idx = [np.flatnonzero(self.pending[blk.rows - self.start]) for blk in merge]
+        rows = np.concatenate([blk.rows[i] for blk, i in zip(merge, idx, strict=True)])
+        sel = [torch.from_numpy(i) for i in idx]
+        data = {
+            k: torch.cat([blk.data[k].index_select(0, i) for blk, i in zip(merge, sel, strict=True)])
+            for k in merge[0].data
+        }
+        self._new_block(rows, data)
+
+
+class _Failure:
+    """An exception raised in the reader thread, carried to the consumer."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _reader(
+    read: Callable[[int, int], dict[str, torch.Tensor]],
+    chunks: list[tuple[int, int]],
+    q: queue.Queue,
+    stop: threading.Event,
+) -> None:
+    """Body of the reader thread: read and decode ``chunks`` in order into ``q``."""
+    try:
+        for a, b in chunks:
+            if stop.is_set():
+                return
+            if not _put(q, (a, b, read(a, b)), stop):
+                return
+    except BaseException as e:  # handed to the consumer, which re-raises it
+        _put(q, _Failure(e), stop)
+
+
+# ----------------------------------------------------------------------------- loader
+
+
+class CacheLoader:
+    """Seeded, resumable batches of one split of a complete cache.
+
+    One ``for batch in loader`` runs one epoch from the current position; at its end the
+    epoch advances and the position returns to 0. :meth:`state_dict` after any batch and
+    :meth:`load_state_dict` on a new loader resume exactly there. Iterate one epoch at a
+    time: two live iterators of one loader share its position.
+
+    Args:
+        cache: a :class:`~ia2cache.store.Cache` or the path of a cache directory.
+        config: what to load and in which order.
+        model_info: the model being trained; its fingerprints must match the manifest's.
+        allow_model_mismatch: accept a cache made by another model or tokenizer (a warning).
+        pad_id: the id that pads student, response and target ids.
+
+    Raises:
+        IA2Error: the cache is not complete, was made by another model, lacks a layer asked
+            for, or has no rows in the split.
+    """
+
+    wait_seconds: float
+    """Seconds iteration spent blocked waiting for data (cumulative)."""
+    bytes_read: int
+    """Activation bytes read from the store (cumulative, as stored)."""
+    chunks_read: int
+    """Chunks read (cumulative)."""
+    max_rows_held: int
+    """Peak rows held decoded by the assembler (queue not included)."""
+    max_chunks_held: int
+    """Peak decoded data in chunk units: ceil(rows held / rows_per_chunk) + chunks queued."""
+
+    def __init__(
+        self,
+        cache: Cache | str | Path,
+        config: LoaderConfig,
+        *,
+        model_info: ModelInfo | None = None,
+        allow_model_mismatch: bool = False,
+        pad_id: int = 0,
+    ) -> None:
+        self.cache = cache if isinstance(cache, Cache) else Cache.open(cache)
+        self.config = config
+        self.pad_id = int(pad_id)
+        manifest = self.cache.manifest
+        if self.cache.status != "complete":
+            raise IA2Error(
+                f"cache {self.cache.path} is {self.cache.status}, not complete: run `ia2cache collect` "
+                f"again with the same options to finish it"
+            )
+        if model_info is not None:
+            self._check_model(manifest, model_info, allow_model_mismatch)
+        self._rows = self._split_rows(manifest)
+        self._layers, self._act_paths = self._resolve_layers(manifest)
+        self._topk = config.topk and all(f"logits/{k}" in self.cache.specs for k in _TOPK)
+        missing = [f"tokens/{k}" for k in _TOKENS if f"tokens/{k}" not in self.cache.specs]
+        if missing:
+            raise IA2Error(f"cache {self.cache.path} lacks the arrays {missing}; collect it again")
+        for p in [*self._act_paths.values(), *(f"logits/{k}" for k in _TOPK if self._topk)]:
+            self.cache.array(p)  # open once here, not concurrently in reader threads
+        if config.dtype == "float16":
+            self._check_fp16()
+        self.epoch = 0
+        self.position = 0
+        self._tokens: dict[str, torch.Tensor] | None = None
+        self.wait_seconds = 0.0
+        self.bytes_read = 0
+        self.chunks_read = 0
+        self.max_rows_held = 0
+        self.max_chunks_held = 0
+
+    # ------------------------------------------------------------------ checks
+
+    def _check_model(self, manifest: dict, info: ModelInfo, allow: bool) -> None:
+        model = manifest.get("model", {})
+        stored = (model.get("fingerprint"), model.get("tokenizer_fingerprint"))
+        given = (info.fingerprint, info.tokenizer_fingerprint)
+        if stored == given:
+            return
+        msg = (
+            f"cache {self.cache.path} was made by model {model.get('name')!r} (fingerprint {stored[0]}, "
+            f"tokenizer {stored[1]}), not by {info.name!r} (fingerprint {given[0]}, tokenizer {given[1]})"
+        )
+        if not allow:
+            raise IA2Error(f"{msg}; pass --allow-model-mismatch to train on it anyway")
+        log.warning("%s; going on (--allow-model-mismatch)", msg)
+
+    def _split_rows(self, manifest: dict) -> range:
+        try:
+            n_train, n_dev = int(manifest["n_train"]), int(manifest["n_dev"])
+        except (KeyError, TypeError, ValueError):
+            raise IA2Error(f"cache {self.cache.path}: the manifest lacks n_train/n_dev") from None
+        if n_train + n_dev != self.cache.n_rows:
+            raise IA2Error(
+                f"cache {self.cache.path}: n_train {n_train} + n_dev {n_dev} != rows {self.cache.n_rows}"
+            )
+        rows = range(0, n_train) if self.config.split == "train" else range(n_train, n_train + n_dev)
+        if not rows:
+            raise IA2Error(f"cache {self.cache.path} has no {self.config.split} rows")
+        return rows
+
+    def _resolve_layers(self, manifest: dict) -> tuple[list[int], dict[int, str]]:
+        stored = [int(i) for i in manifest["layers"]]
+        want = list(stored if self.config.layers is None else self.config.layers)
+        absent = [i for i in want if i not in stored]
+        if absent:
+            raise IA2Error(
+                f"--layers {','.join(map(str, want))}: layer(s) {absent} not in cache {self.cache.path}, "
+                f"which holds layers {stored}"
+            )
+        paths = {i: f"acts/{manifest['site']}/layer_{i:03d}" for i in want}
+        lost = [p for p in paths.values() if p not in self.cache.specs]
+        if lost:
+            raise IA2Error(f"cache {self.cache.path} lacks the arrays {lost}; run `ia2cache verify` on it")
+        return want, paths
+
+    def _check_fp16(self) -> None:
+        for i, p in self._act_paths.items():
+            try:
+                peak = self.cache.stats(p)["max_abs"]
+            except ValueError:
+                continue
+            if peak > _FP16_MAX:
+                raise IA2Error(
+                    f"loader dtype float16 cannot hold layer {i} of {self.cache.path}: max |x| is "
+                    f"{peak:.6g}, above {_FP16_MAX:g}; use bfloat16 or float32"
+                )
+
+    # ------------------------------------------------------------------ order and state
+
+    @property
+    def rows(self) -> range:
+        """The split's rows of the cache."""
+        return self._rows
+
+    @property
+    def layers(self) -> list[int]:
+        """The layers each batch carries."""
+        return list(self._layers)
+
+    def __len__(self) -> int:
+        n, bs = len(self._rows), self.config.batch_size
+        return n // bs if self.config.drop_last else math.ceil(n / bs)
+
+    def _chunks(self) -> list[tuple[int, int]]:
+        """The split's chunks as [start, stop) rows; a chunk cut by the split boundary is partial."""
+        rpc, r = self.cache.rows_per_chunk, self._rows
+        first = r.start // rpc
+        return [
+            (max(c * rpc, r.start), min((c + 1) * rpc, r.stop)) for c in range(first, (r.stop - 1) // rpc + 1)
+        ]
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if not self.config.shuffle:
+            return np.arange(self._rows.start, self._rows.stop, dtype=np.int64)
+        return _shuffle_rows(self._chunks(), self.config.shuffle_buffer, _rng(self.config.seed, epoch))
+
+    def order(self, epoch: int) -> list[int]:
+        """The row order of ``epoch``; computed without reading data."""
+        if epoch < 0:
+            raise ValueError(f"epoch {epoch} must be >= 0")
+        return self._order(epoch).tolist()
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch on the next iteration."""
+        if epoch < 0:
+            raise ValueError(f"epoch {epoch} must be >= 0")
+        self.epoch, self.position = int(epoch), 0
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "position" (batches already yielded this epoch), "seed"}``."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.config.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume where :meth:`state_dict` was taken: the next iteration yields the batch after.
+
+        Raises:
+            IA2Error: the state was saved with another seed, or is out of range.
+        """
+        epoch, position, seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
+        if seed != self.config.seed:
+            raise IA2Error(
+                f"--seed {self.config.seed}: the loader state to resume was saved with seed {seed}"
+            )
+        if epoch < 0 or not 0 <= position <= len(self):
+            raise IA2Error(f"loader state {state} is out of range (0..{len(self)} batches per epoch)")
+        self.epoch, self.position = epoch, position
+
+    # ------------------------------------------------------------------ reading
+
+    def _read_tokens(self) -> dict[str, torch.Tensor]:
+        """The split's token arrays, decoded once: ids padded with pad_id, positions with 0."""
+        a, b = self._rows.start, self._rows.stop
+        out = {}
+        for k in _TOKENS:
+            x = torch.from_numpy(self.cache.read(f"tokens/{k}", a, b).astype(np.int64))
+            if k.endswith("_ids"):
+                x = x.masked_fill(x < 0, self.pad_id)
+            elif k == "student_positions":
+                x = x.masked_fill(x < 0, 0)
+            out[k] = x
+        return out
+
+    def _read_chunk(self, a: int, b: int) -> dict[str, torch.Tensor]:
+        """Rows [a, b) of the asked layers (decoded to the training dtype) and top-k; in the thread."""
+        dtype = TORCH_DTYPES[self.config.dtype]
+        out: dict[str, torch.Tensor] = {}
+        for i, p in self._act_paths.items():
+            raw = self.cache.read(p, a, b)
+            self.bytes_read += raw.nbytes
+            out[f"acts.{i}"] = decode_activations(raw, self.cache.specs[p].logical_dtype).to(dtype)
+        if self._topk:
+            out["topk_values"] = torch.from_numpy(
+                self.cache.read("logits/topk_values", a, b).astype(np.float32)
+            )
+            ids = torch.from_numpy(self.cache.read("logits/topk_ids", a, b).astype(np.int64))
+            out["topk_ids"] = ids.masked_fill(ids < 0, 0)
+        self.chunks_read += 1
+        return out
+
+    def _get(self, q: queue.Queue, thread: threading.Thread) -> tuple[int, int, dict[str, torch.Tensor]]:
+        t0 = time.perf_counter()
+        try:
+            while True:
+                try:
+                    item = q.get(timeout=1.0)
+                    break
+                except queue.Empty:
+                    if not thread.is_alive() and q.empty():
+                        raise RuntimeError("the loader's reader thread ended early") from None
+        finally:
+            self.wait_seconds += time.perf_counter() - t0
+        if isinstance(item, _Failure):
+            raise item.exc
+        return item
+
+    # ------------------------------------------------------------------ iteration
+
+    def __iter__(self) -> Iterator[Batch]:
+        epoch, start = self.epoch, self.position
+        bs, n_batches = self.config.batch_size, len(self)
+        if start < n_batches:
+            yield from self._epoch(epoch, start, n_batches, bs)
+        self.epoch, self.position = epoch + 1, 0
+
+    def _epoch(self, epoch: int, start: int, n_batches: int, bs: int) -> Iterator[Batch]:
+        if self._tokens is None:
+            t0 = time.perf_counter()
+            self._tokens = self._read_tokens()
+            self.wait_seconds += time.perf_counter() - t0
+        order = self._order(epoch)
+        todo = order[start * bs : n_batches * bs]
+        pending = np.zeros(len(self._rows), dtype=bool)
+        pending[todo - self._rows.start] = True
+        # Chunks in the order the remaining batches first need them; the batch that needs each.
+        cid, first = np.unique(todo // self.cache.rows_per_chunk, return_index=True)
+        by_need = np.argsort(first, kind="stable")
+        rpc, r = self.cache.rows_per_chunk, self._rows
+        chunks = [(max(int(c) * rpc, r.start), min((int(c) + 1) * rpc, r.stop)) for c in cid[by_need]]
+        need_at = (start + first[by_need] // bs).tolist()
+        q: queue.Queue = queue.Queue(maxsize=self.config.prefetch)
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=_reader,
+            args=(self._read_chunk, chunks, q, stop),
+            name=f"ia2cache-loader-{id(self):x}",
+            daemon=True,
+        )
+        thread.start()
+        asm = _Assembler(r.start, pending)
+        loaded = 0
+        try:
+            for k in range(start, n_batches):
+                while loaded < len(chunks) and need_at[loaded] <= k:
+                    a, b, data = self._get(q, thread)
+                    if (a, b) != chunks[loaded]:
+                        raise RuntimeError(f"loader bug: got chunk {(a, b)}, expected {chunks[loaded]}")
+                    asm.add(np.arange(a, b, dtype=np.int64), data)
+                    loaded += 1
+                self.max_rows_held = max(self.max_rows_held, asm.rows_held)
+                held = math.ceil(asm.rows_held / rpc) + q.qsize()
+                self.max_chunks_held = max(self.max_chunks_held, held)
+                rows = order[k * bs : (k + 1) * bs]
+                batch = self._batch(rows, asm.take(rows))
+                self.position = k + 1
+                yield batch
+        finally:
+            stop.set()
+            while not q.empty():  # unblock a put
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    break
+            thread.join(_JOIN_SECONDS)
+
+    def _batch(self, rows: np.ndarray, data: dict[str, torch.Tensor]) -> Batch:
+        assert self._tokens is not None
+        idx = torch.from_numpy(rows - self._rows.start)
+        t = {k: v.index_select(0, idx) for k, v in self._tokens.items()}
+        s_w = max(1, int(t["student_len"].max()))
+        g_w = max(1, int(t["target_len"].max()))
+        p = t["student_positions"].shape[1]
+        return Batch(
+            rows=torch.from_numpy(rows.copy()),
+            student_ids=t["student_ids"][:, :s_w].contiguous(),
+            student_len=t["student_len"],
+            response_ids=t["response_ids"],
+            response_len=t["response_len"],
+            target_ids=t["target_ids"][:, :g_w].contiguous(),
+            target_len=t["target_len"],
+            student_positions=t["student_positions"],
+            position_mask=torch.arange(p)[None, :] < t["positions_len"][:, None],
+            acts={i: data[f"acts.{i}"] for i in self._layers},
+            topk_values=data.get("topk_values"),
+            topk_ids=data.get("topk_ids"),
+        )

@@ -1,0 +1,471 @@
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from ia2cache.collect import CollectConfig, collect
+from ia2cache.errors import IA2Error
+from ia2cache.loader import Batch, CacheLoader, LoaderConfig
+from ia2cache.models import ModelInfo, load_model
+from ia2cache.store import Cache, decode_activations
+
+WORDS = ["hot", "up", "big", "walk", "go", "France", "Spain", "Italy", "The food was great"]
+SITE = "attn"
+PAD = 7  # a pad id that is not 0, so that pad substitution is visible
+
+
+@pytest.fixture(scope="module")
+def cache_path(tmp_path_factory: pytest.TempPathFactory, tiny_tok: Any) -> str:
+    """A bf16 cache with top-k logits: 30 train rows then 15 dev rows, in chunks of 4 rows.
+
+    The split boundary (row 30) cuts the chunk [28, 32) in two partial chunks.
+    """
+    from ia2cache.testing import tiny_llama
+
+    d = tmp_path_factory.mktemp("loader")
+    tiny_llama(len(tiny_tok)).save_pretrained(d / "model")
+    tiny_tok.save_pretrained(d / "model")
+    lines = [
+        json.dumps({"input": " ".join(WORDS[: 1 + (i * 5) % 9]) + f" {i}", "target": WORDS[(i * 3) % 5]})
+        for i in range(90)
+    ]
+    (d / "task.jsonl").write_text("\n".join(lines) + "\n")
+    loaded = load_model(str(d / "model"), device="cpu")
+    cfg = CollectConfig(model=str(d / "model"), task=str(d / "task.jsonl"), n=30, k=3, store=str(d / "store"),
+                        dtype="bf16", batch_size=8, shard_rows=8, chunk_rows=4, max_new_tokens=2,
+                        topk_logits=3)
+    res = collect(cfg, loaded)
+    c = Cache.open(res.cache)
+    m = c.manifest
+    assert (m["n_train"], m["n_dev"], m["layers"], c.rows_per_chunk) == (30, 15, [0, 1, 2, 3], 4)
+    return res.cache
+
+
+def _loader(path: str | Cache, **kw: Any) -> CacheLoader:
+    base: dict[str, Any] = {"batch_size": 3, "shuffle_buffer": 4}
+    base.update(kw)
+    return CacheLoader(path, LoaderConfig(**base), pad_id=PAD)
+
+
+def _rows(batches: list[Batch]) -> list[int]:
+    return [r for b in batches for r in b.rows.tolist()]
+
+
+def _assert_same(a: list[Batch], b: list[Batch]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.acts.keys() == y.acts.keys()
+        for name in ("rows", "student_ids", "response_ids", "target_ids", "student_positions",
+                     "position_mask", "topk_values", "topk_ids"):
+            u, v = getattr(x, name), getattr(y, name)
+            assert (u is None and v is None) or torch.equal(u, v), name
+        for i in x.acts:
+            assert torch.equal(x.acts[i], y.acts[i])
+
+
+def _assert_matches_cache(c: Cache, batch: Batch, dtype: torch.dtype = torch.float32) -> None:
+    """Every field of ``batch`` against reads of its rows straight from the cache."""
+    rows = batch.rows.tolist()
+
+    def read(path: str) -> np.ndarray:
+        return np.concatenate([c.read(path, r, r + 1) for r in rows])
+
+    s_len = read("tokens/student_len")
+    assert batch.student_len.tolist() == s_len.tolist()
+    assert batch.student_ids.shape[1] == s_len.max()
+    for i, r in enumerate(rows):
+        ids = c.read("tokens/student_ids", r, r + 1)[0]
+        assert batch.student_ids[i, : s_len[i]].tolist() == ids[: s_len[i]].tolist()
+        assert (batch.student_ids[i, s_len[i] :] == PAD).all()
+    resp, r_len = read("tokens/response_ids"), read("tokens/response_len")
+    assert batch.response_len.tolist() == r_len.tolist()
+    assert batch.response_ids.tolist() == np.where(resp < 0, PAD, resp).tolist()
+    tgt, g_len = read("tokens/target_ids"), read("tokens/target_len")
+    assert batch.target_len.tolist() == g_len.tolist()
+    assert batch.target_ids.tolist() == np.where(tgt < 0, PAD, tgt)[:, : g_len.max()].tolist()
+    n = read("tokens/positions_len")
+    sp = read("tokens/student_positions")
+    mask = np.arange(sp.shape[1])[None, :] < n[:, None]
+    assert batch.position_mask.tolist() == mask.tolist()
+    assert batch.student_positions.tolist() == np.where(mask, sp, 0).tolist()
+    assert batch.topk_values is not None and batch.topk_ids is not None
+    assert torch.equal(batch.topk_values, torch.from_numpy(read("logits/topk_values")))
+    ids = read("logits/topk_ids")
+    assert (ids[~mask] == -1).all()  # pads in the store ...
+    assert batch.topk_ids.tolist() == np.where(ids < 0, 0, ids).tolist()  # ... are 0 in the batch
+    for layer, a in batch.acts.items():
+        path = f"acts/{SITE}/layer_{layer:03d}"
+        want = decode_activations(read(path), c.specs[path].logical_dtype).to(dtype)
+        assert a.dtype == dtype
+        assert torch.equal(a, want), layer
+
+
+# ----------------------------------------------------------------------------- contents
+
+
+def test_batches_hold_exactly_the_cache_rows(cache_path: str) -> None:
+    c = Cache.open(cache_path)
+    loader = _loader(c, batch_size=4, shuffle_buffer=3, prefetch=1)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 8  # ceil(30 / 4)
+    assert [len(b) for b in batches] == [4] * 7 + [2]
+    assert sorted(_rows(batches)) == list(range(30))
+    for b in batches:
+        _assert_matches_cache(c, b)
+    assert loader.chunks_read == 8  # 7 whole chunks and the partial [28, 30), each once
+    # Exactly the train rows of the 4 layers were read, as stored (2 bytes per bf16 value).
+    p, h = c.specs[f"acts/{SITE}/layer_000"].shape
+    assert loader.bytes_read == 4 * 30 * p * h * 2
+    assert loader.wait_seconds > 0
+
+
+def test_dev_split_in_row_order(cache_path: str) -> None:
+    c = Cache.open(cache_path)
+    dev = _loader(cache_path, split="dev", shuffle=False, batch_size=4)
+    assert dev.rows == range(30, 45)
+    batches = list(dev)
+    assert _rows(batches) == list(range(30, 45)) == dev.order(0) == dev.order(3)
+    for b in batches:
+        _assert_matches_cache(c, b)
+    assert dev.chunks_read == 5  # [30, 32) (cut by the boundary), [32, 36), ..., [44, 45)
+    assert not set(_rows(batches)) & set(_loader(cache_path).order(0))
+    assert _loader(cache_path, shuffle=False).order(0) == list(range(30))
+
+
+def test_drop_last_and_batch_to(cache_path: str) -> None:
+    loader = _loader(cache_path, batch_size=4, drop_last=True)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 7 and all(len(b) == 4 for b in batches)
+    assert _rows(batches) == loader.order(0)[:28]
+    moved = batches[0].to("meta")
+    assert moved.acts[2].device.type == "meta" and moved.student_ids.device.type == "meta"
+    assert moved.topk_ids is not None and moved.topk_ids.device.type == "meta"
+    assert batches[0].acts[2].device.type == "cpu"  # the original is untouched
+
+
+# ----------------------------------------------------------------------------- order
+
+
+def test_order_is_seeded_deterministic_and_a_permutation(cache_path: str) -> None:
+    a, b = _loader(cache_path, seed=3), _loader(cache_path, seed=3)
+    for epoch in range(2):
+        ba, bb = list(a), list(b)
+        _assert_same(ba, bb)
+        assert _rows(ba) == a.order(epoch)
+        assert sorted(_rows(ba)) == list(range(30))
+        assert a.state_dict() == {"epoch": epoch + 1, "position": 0, "seed": 3}
+    assert a.order(0) != a.order(1)
+    other = _loader(cache_path, seed=4)
+    assert other.order(0) != a.order(0) and sorted(other.order(0)) == list(range(30))
+
+
+def test_order_follows_the_seeded_chunk_permutation(cache_path: str) -> None:
+    """With a one-row buffer, rows leave in stream order: the chunks as the spec permutes them."""
+    c = Cache.open(cache_path)
+    reads: list[str] = []
+    orig = c.read
+    c.read = lambda p, a, b: reads.append(p) or orig(p, a, b)  # type: ignore[method-assign]
+    loader = _loader(c, shuffle_buffer=1, seed=5)
+    chunks = [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20), (20, 24), (24, 28), (28, 30)]
+    for epoch in (0, 1):
+        rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([5, epoch])))
+        want = [r for i in rng.permutation(len(chunks)) for r in range(*chunks[i])]
+        assert loader.order(epoch) == want
+    # A buffer as large as the split is a full shuffle: rows of one chunk spread out.
+    big = _loader(c, shuffle_buffer=30, seed=5).order(0)
+    assert sorted(big) == list(range(30)) and big != loader.order(0)
+    assert reads == []  # the order is computed without reading data
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_mid_epoch_resume_is_exact(cache_path: str) -> None:
+    ref = list(_loader(cache_path, seed=1))
+    first = _loader(cache_path, seed=1)
+    it = iter(first)
+    head = [next(it), next(it)]
+    state = first.state_dict()
+    assert state == {"epoch": 0, "position": 2, "seed": 1}
+    it.close()
+    assert first.state_dict() == state  # abandoning the iterator keeps the position
+    resumed = _loader(cache_path, seed=1)
+    resumed.load_state_dict(state)
+    tail = list(resumed)
+    _assert_same(head + tail, ref)
+    # Chunks whose rows were all consumed by the first 2 batches are not read again.
+    rest = resumed.order(0)[6:]
+    assert resumed.chunks_read == len({r // 4 for r in rest})
+    assert resumed.state_dict() == {"epoch": 1, "position": 0, "seed": 1}
+
+
+def test_resume_across_the_epoch_boundary(cache_path: str) -> None:
+    ref = _loader(cache_path, seed=2)
+    ref0, ref1 = list(ref), list(ref)
+    run = _loader(cache_path, seed=2)
+    states = []
+    for _ in run:
+        states.append(run.state_dict())
+    assert states[-1] == {"epoch": 0, "position": len(run), "seed": 2}  # saved inside the loop
+    it = iter(run)
+    got = [next(it) for _ in range(3)]
+    state = run.state_dict()
+    it.close()
+    assert state == {"epoch": 1, "position": 3, "seed": 2}
+    later = _loader(cache_path, seed=2)
+    later.load_state_dict(state)
+    _assert_same(got + list(later), ref1)
+    # A state saved after the last batch, before the loop ended: the epoch has nothing left.
+    end = _loader(cache_path, seed=2)
+    end.load_state_dict(states[-1])
+    assert list(end) == [] and end.state_dict() == {"epoch": 1, "position": 0, "seed": 2}
+    _assert_same(list(end), ref1)
+    end.set_epoch(0)
+    _assert_same(list(end), ref0)
+
+
+def test_load_state_refuses_another_seed_or_range(cache_path: str) -> None:
+    loader = _loader(cache_path, seed=0)
+    with pytest.raises(IA2Error, match="--seed 0.*seed 9"):
+        loader.load_state_dict({"epoch": 0, "position": 1, "seed": 9})
+    with pytest.raises(IA2Error, match="out of range"):
+        loader.load_state_dict({"epoch": 0, "position": len(loader) + 1, "seed": 0})
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _recording(path: str) -> tuple[Cache, list[tuple[str, int, int]]]:
+    c = Cache.open(path)
+    reads: list[tuple[str, int, int]] = []
+    orig = c.read
+
+    def read(p: str, a: int, b: int) -> np.ndarray:
+        reads.append((p, a, b))
+        return orig(p, a, b)
+
+    c.read = read  # type: ignore[method-assign]
+    return c, reads
+
+
+def test_layer_subset_reads_only_those_arrays(cache_path: str) -> None:
+    c, reads = _recording(cache_path)
+    loader = _loader(c, layers=(3, 1))
+    assert loader.layers == [3, 1]
+    batches = list(loader)
+    acts_read = {p for p, _, _ in reads if p.startswith("acts/")}
+    assert acts_read == {f"acts/{SITE}/layer_001", f"acts/{SITE}/layer_003"}
+    # Activations are read chunk by chunk, never the whole split at once.
+    assert {b - a for p, a, b in reads if p.startswith("acts/")} <= {2, 4}
+    assert all(a >= 0 and b <= 30 for _, a, b in reads)  # train rows only
+    plain = Cache.open(cache_path)
+    for b in batches:
+        assert set(b.acts) == {1, 3}
+        _assert_matches_cache(plain, b)
+    c2, reads2 = _recording(cache_path)
+    none = _loader(c2, layers=(), topk=False)
+    batch = next(iter(none))
+    assert batch.acts == {} and batch.topk_values is None and batch.topk_ids is None
+    assert not [p for p, _, _ in reads2 if not p.startswith("tokens/")]
+    assert none.bytes_read == 0
+
+
+def test_bf16_decoding_is_exact(cache_path: str) -> None:
+    c = Cache.open(cache_path)
+    bf = next(iter(_loader(c, dtype="bfloat16", layers=(2,))))
+    f32 = next(iter(_loader(c, dtype="float32", layers=(2,))))
+    assert torch.equal(bf.rows, f32.rows)
+    bits = np.concatenate([c.read(f"acts/{SITE}/layer_002", r, r + 1) for r in bf.rows.tolist()])
+    assert bits.dtype == np.uint16 and bits.any()
+    assert bf.acts[2].dtype == torch.bfloat16
+    assert np.array_equal(bf.acts[2].view(torch.uint16).numpy(), bits)
+    assert f32.acts[2].dtype == torch.float32
+    assert torch.equal(f32.acts[2], bf.acts[2].float())
+    widened = (bits.astype(np.uint32) << 16).view(np.float32)  # bf16 -> fp32 by hand
+    assert np.array_equal(f32.acts[2].numpy(), widened)
+
+
+def test_reader_errors_reach_the_consumer(cache_path: str) -> None:
+    c = Cache.open(cache_path)
+    orig = c.read
+    calls = {"n": 0}
+
+    def flaky(p: str, a: int, b: int) -> np.ndarray:
+        if p.startswith("acts/"):
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise OSError("disk on fire")
+        return orig(p, a, b)
+
+    c.read = flaky  # type: ignore[method-assign]
+    with pytest.raises(OSError, match="disk on fire"):
+        list(_loader(c, layers=(0,), batch_size=4))
+    assert _loader_threads() == []
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+def test_partial_cache_refused(cache_path: str, tmp_path: Path) -> None:
+    copy = tmp_path / "partial"
+    shutil.copytree(cache_path, copy)
+    meta = json.loads((copy / "zarr.json").read_text())
+    meta["attributes"]["manifest"]["status"] = "partial"
+    (copy / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(IA2Error, match=r"partial, not complete.*ia2cache collect"):
+        CacheLoader(copy, LoaderConfig())
+
+
+def test_model_mismatch_refused_unless_allowed(cache_path: str, caplog: pytest.LogCaptureFixture) -> None:
+    m = Cache.open(cache_path).manifest["model"]
+    same = ModelInfo("tiny", "/x", m["fingerprint"], m["tokenizer_fingerprint"])
+    assert len(CacheLoader(cache_path, LoaderConfig(), model_info=same)) == 8
+    other = ModelInfo("other", "/y", "f" * 16, m["tokenizer_fingerprint"])
+    with pytest.raises(IA2Error) as e:
+        CacheLoader(cache_path, LoaderConfig(), model_info=other)
+    msg = str(e.value)
+    assert m["fingerprint"] in msg and "f" * 16 in msg and "--allow-model-mismatch" in msg
+    tok = ModelInfo("tiny", "/x", m["fingerprint"], "0" * 16)
+    with pytest.raises(IA2Error, match="0" * 16):
+        CacheLoader(cache_path, LoaderConfig(), model_info=tok)
+    loader = CacheLoader(cache_path, LoaderConfig(), model_info=other, allow_model_mismatch=True)
+    assert len(next(iter(loader))) == 4
+    assert "allow-model-mismatch" in caplog.text
+
+
+def test_layer_not_in_cache_refused(cache_path: str) -> None:
+    with pytest.raises(IA2Error, match=r"--layers 1,7: layer\(s\) \[7\] not in cache"):
+        _loader(cache_path, layers=(1, 7))
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"batch_size": 0}, "--batch-size 0"),
+        ({"split": "eval"}, "split 'eval'"),
+        ({"layers": (1, 1)}, "--layers"),
+        ({"seed": -1}, "--seed -1"),
+        ({"shuffle_buffer": 0}, "shuffle_buffer 0"),
+        ({"prefetch": 0}, "prefetch 0"),
+        ({"dtype": "int8"}, "dtype 'int8'"),
+    ],
+)
+def test_bad_config_refused(kw: dict[str, Any], needle: str) -> None:
+    with pytest.raises(IA2Error, match=needle):
+        LoaderConfig(**kw)
+
+
+# ----------------------------------------------------------------------------- memory, thread
+
+
+def test_memory_stays_bounded(cache_path: str) -> None:
+    bs, buf, rpc, prefetch = 1, 4, 4, 1
+    bound_rows = 2 * (bs + buf + rpc)  # see the module docstring
+    for seed in range(4):
+        loader = _loader(cache_path, batch_size=bs, shuffle_buffer=buf, prefetch=prefetch, seed=seed,
+                         layers=(0,))
+        for _ in range(2):
+            assert len(list(loader)) == 30
+        assert loader.chunks_read == 16  # 8 chunks per epoch, each read once
+        assert 4 <= loader.max_rows_held <= bound_rows < 30
+        assert loader.max_chunks_held <= math.ceil(bound_rows / rpc) + prefetch
+
+
+def test_memory_bound_needs_compaction(tmp_path: Path) -> None:
+    """Rows linger in a large shuffle buffer: held whole, their chunks would pile up (about 190 rows
+    here); with half-spent chunks compacted the rows held stay under 2 * (bs + buffer + rpc)."""
+    c = _synthetic(tmp_path, 400, 8, 8)
+    for seed in range(3):
+        loader = CacheLoader(c, LoaderConfig(batch_size=4, shuffle_buffer=64, seed=seed))
+        assert len(_rows(list(loader))) == 400
+        assert 64 < loader.max_rows_held <= 2 * (4 + 64 + 8)
+
+
+def _loader_threads() -> list[threading.Thread]:
+    deadline = time.monotonic() + 5
+    while True:
+        alive = [t for t in threading.enumerate() if t.name.startswith("ia2cache-loader") and t.is_alive()]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.02)
+
+
+def test_reader_thread_ends_when_the_iteration_is_abandoned(cache_path: str) -> None:
+    loader = _loader(cache_path, batch_size=1, prefetch=1)
+    seen = []
+    for b in loader:
+        seen.append(b)
+        running = [t for t in threading.enumerate() if t.name.startswith("ia2cache-loader")]
+        assert running and all(t.daemon for t in running)
+        break
+    assert _loader_threads() == []
+    assert loader.state_dict()["position"] == 1
+    it: Iterator[Batch] = iter(loader)
+    next(it)
+    del it  # garbage, never closed explicitly
+    assert _loader_threads() == []
+    assert loader.state_dict()["position"] == 2
+
+
+# ----------------------------------------------------------------------------- varied chunking
+
+
+def _synthetic(store: Path, n_train: int, n_dev: int, rpc: int) -> Cache:
+    """A cache written through the store API whose activations spell out their row: x[r, j, h] = r."""
+    from ia2cache.store import ArraySpec, encode_activations
+
+    n, p, h = n_train + n_dev, 2, 3
+    act = ArraySpec(f"acts/{SITE}/layer_005", (p, h), "uint16", "bfloat16", stats=True)
+    ragged = ("student_ids", "response_ids", "target_ids", "student_positions")
+    lens = ("student_len", "response_len", "target_len", "positions_len")
+    specs = [act, *(ArraySpec(f"tokens/{k}", (4,), "int32") for k in ragged),
+             *(ArraySpec(f"tokens/{k}", (), "int32") for k in lens)]
+    manifest = {"model": {"fingerprint": "a", "tokenizer_fingerprint": "b"}, "site": SITE, "layers": [5],
+                "n_train": n_train, "n_dev": n_dev}
+    c = Cache.create_or_open(store, "0123456789abcdef", manifest, specs, n, rpc * 2, rpc)
+    rows = np.arange(n)
+    ids = np.where(np.arange(4)[None, :] < 2, rows[:, None], -1).astype(np.int32)
+    data = {f"tokens/{k}": ids for k in ragged} | {f"tokens/{k}": np.full(n, 2, np.int32) for k in lens}
+    x = torch.arange(n, dtype=torch.float32)[:, None, None].expand(n, p, h)
+    data[act.path] = encode_activations(x, "bf16")
+    for s in range(c.n_shards):
+        a, b = c.shard_rows(s)
+        c.write_shard(s, {k: v[a:b] for k, v in data.items()})
+    c.finalize()
+    return c
+
+
+@pytest.mark.parametrize(
+    ("n_train", "rpc", "bs", "buf", "drop_last"),
+    [(29, 4, 3, 5, False), (29, 8, 2, 3, True), (40, 3, 4, 64, False), (17, 1, 5, 2, True)],
+)
+def test_every_resume_point_and_memory_bound(tmp_path: Path, n_train: int, rpc: int, bs: int, buf: int,
+                                             drop_last: bool) -> None:
+    c = _synthetic(tmp_path, n_train, 7, rpc)
+    cfg = LoaderConfig(batch_size=bs, shuffle_buffer=buf, drop_last=drop_last, seed=11, prefetch=1)
+    full = CacheLoader(c, cfg)
+    ref = [list(full) for _ in range(2)]
+    n_batches = n_train // bs if drop_last else math.ceil(n_train / bs)
+    for epoch, batches in enumerate(ref):
+        assert len(batches) == len(full) == n_batches
+        assert _rows(batches) == full.order(epoch)[: n_batches * bs]
+        for b in batches:  # the activations name their own row
+            assert torch.equal(b.acts[5], b.rows.float()[:, None, None].expand(-1, 2, 3))
+            assert b.student_ids.tolist() == [[r, r] for r in b.rows.tolist()]
+    assert full.max_rows_held <= 2 * (bs + buf + rpc)
+    for pos in range(n_batches + 1):
+        loader = CacheLoader(c, cfg)
+        loader.load_state_dict({"epoch": 1, "position": pos, "seed": 11})
+        _assert_same(list(loader), ref[1][pos:])
+        needed = {r // rpc for r in full.order(1)[pos * bs : n_batches * bs]}
+        assert loader.chunks_read == len(needed)
