@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ia2cache._faults import fault_point
 from ia2cache.adapters import ADAPTERS, AdapterSpec, attach, position_offset
 from ia2cache.errors import IA2Error
 from ia2cache.loader import Batch, CacheLoader, LoaderConfig
@@ -480,6 +481,7 @@ def _train_phase(run: _Run, phase: int, objective: str, start: dict[str, Any] | 
         _save_checkpoint(run, {"phase": phase, "epoch": epoch + 1, "best_loss": best_loss,
                                "best_epoch": best_epoch, "bad": bad,
                                "config_fingerprint": cfg.fingerprint()}, opt, best)
+        fault_point("distill.after_checkpoint")
     if best is not None:
         _restore(run.model, best)  # really restore the best epoch's weights
     return best_epoch, sum(1 for h in run.history if h["phase"] == phase)

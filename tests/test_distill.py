@@ -1,0 +1,195 @@
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import ia2cache.distill as distill_mod
+from ia2cache.collect import CollectConfig, collect
+from ia2cache.distill import DistillConfig, distill
+from ia2cache.errors import IA2Error
+from ia2cache.loader import CacheLoader, LoaderConfig
+from ia2cache.models import load_model
+from ia2cache.objectives import masked_mse
+from ia2cache.sites import SITES, decoder_layers
+
+WORDS = ["hot", "up", "big", "walk", "go", "France", "Spain", "Italy"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, tiny_tok: Any) -> dict[str, Any]:
+    from ia2cache.testing import tiny_llama
+
+    d = tmp_path_factory.mktemp("distill")
+    tiny_llama(len(tiny_tok)).save_pretrained(d / "model")
+    tiny_tok.save_pretrained(d / "model")
+    tiny_llama(len(tiny_tok), seed=7).save_pretrained(d / "other")
+    tiny_tok.save_pretrained(d / "other")
+    lines = [json.dumps({"input": f"{WORDS[i % 8]} {i}", "target": WORDS[(i * 3) % 8]}) for i in range(80)]
+    (d / "task.jsonl").write_text("\n".join(lines) + "\n")
+    res = collect(CollectConfig(model=str(d / "model"), task=str(d / "task.jsonl"), n=16, k=4,
+                                store=str(d / "store"), max_new_tokens=2, topk_logits=5, dtype="fp32"))
+    return {"dir": d, "model": str(d / "model"), "cache": res.cache}
+
+
+def _train_mse(env: dict[str, Any], model: Any) -> float:
+    """Activation MSE of ``model`` (no demos) against the cached teacher on the train rows."""
+    loader = CacheLoader(env["cache"], LoaderConfig(batch_size=32, shuffle=False))
+    (batch,) = list(loader)
+    mods = decoder_layers(model)
+    got: dict[int, torch.Tensor] = {}
+    hooks = [SITES["attn"].module(mods[i]).register_forward_hook(
+        lambda m, a, o, i=i: got.__setitem__(i, o)) for i in loader.layers]
+    seqs = [batch.student_ids[r, : batch.student_len[r]].tolist()
+            + batch.response_ids[r, : batch.response_len[r] - 1].tolist() for r in range(len(batch))]
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    bi = torch.arange(len(batch))[:, None]
+    return sum(float(masked_mse(got[i][bi, batch.student_positions], batch.acts[i], batch.position_mask))
+               for i in loader.layers)
+
+
+def test_act_training_halves_train_activation_mse(env: dict[str, Any], tmp_path: Path) -> None:
+    lm = load_model(env["model"], device="cpu")
+    before = _train_mse(env, lm.model)
+    res = distill(DistillConfig(cache=env["cache"], method="act", lr=1e-2, epochs=15, patience=15,
+                                out=str(tmp_path / "act")), lm)
+    after = _train_mse(env, lm.model)  # lm.model is wrapped in place: it now carries the adapter
+    assert after <= 0.5 * before, (before, after)
+    run = json.loads((tmp_path / "act" / "run.json").read_text())
+    assert run["cache_key"] == Path(env["cache"]).name and run["epochs_run"] == res.epochs_run
+    assert (tmp_path / "act" / "adapter_model.safetensors").is_file()
+    # The directory loads with peft and reproduces the trained student.
+    from peft import PeftModel
+
+    fresh = PeftModel.from_pretrained(load_model(env["model"], device="cpu").model, tmp_path / "act")
+    assert _train_mse(env, fresh) == pytest.approx(after, rel=1e-5)
+
+
+def test_a2t_second_phase_continues_the_same_adapter(env: dict[str, Any], tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    starts: list[dict[str, torch.Tensor]] = []
+    ends: list[dict[str, torch.Tensor]] = []
+    orig = distill_mod._train_phase
+
+    def spy(run: Any, phase: int, *a: Any, **k: Any) -> Any:
+        starts.append(distill_mod._snapshot(run.model))
+        out = orig(run, phase, *a, **k)
+        ends.append(distill_mod._snapshot(run.model))
+        return out
+
+    monkeypatch.setattr(distill_mod, "_train_phase", spy)
+    res = distill(DistillConfig(cache=env["cache"], model=env["model"], method="a2t", lr=1e-2, epochs=3,
+                                out=str(tmp_path / "a2t")))
+    assert [h["objective"] for h in res.history] == ["act"] * 3 + ["tok"] * 3
+    assert len(starts) == 2
+    for name in starts[1]:
+        assert torch.equal(starts[1][name], ends[0][name])  # phase 2 starts where phase 1 ended
+    assert any(not torch.equal(starts[1][n], starts[0][n]) for n in starts[0])  # ... which was trained
+
+
+def test_best_state_is_really_restored(env: dict[str, Any], tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    per_epoch: list[dict[str, torch.Tensor]] = []
+    orig = distill_mod._save_checkpoint
+
+    def spy(run: Any, state: dict[str, Any], opt: Any, best: Any) -> None:
+        per_epoch.append(distill_mod._snapshot(run.model))
+        orig(run, state, opt, best)
+
+    monkeypatch.setattr(distill_mod, "_save_checkpoint", spy)
+    # A learning rate this large overshoots: dev loss rises after the first epochs.
+    res = distill(DistillConfig(cache=env["cache"], model=env["model"], method="tok", lr=0.3, epochs=8,
+                                patience=8, out=str(tmp_path / "tok")))
+    dev = [h["dev_loss"] for h in res.history]
+    best = min(range(len(dev)), key=dev.__getitem__)
+    assert res.best_epoch == [best] and best != len(dev) - 1, dev
+    saved = load_file(tmp_path / "tok" / "adapter_model.safetensors")
+    best_state, last_state = per_epoch[best], per_epoch[len(dev) - 1]
+    for name, t in saved.items():
+        key = next(n for n in best_state if n.replace(".default", "").endswith(name.split("base_model.")[-1]))
+        assert torch.equal(t, best_state[key])
+    assert any(not torch.equal(best_state[n], last_state[n]) for n in best_state)
+
+
+def test_model_fingerprint_mismatch_refused(env: dict[str, Any], tmp_path: Path) -> None:
+    other = str(env["dir"] / "other")
+    with pytest.raises(IA2Error, match="allow-model-mismatch"):
+        distill(DistillConfig(cache=env["cache"], model=other, method="act", epochs=1, out=str(tmp_path)))
+    res = distill(DistillConfig(cache=env["cache"], model=other, method="act", epochs=1, out=str(tmp_path),
+                                allow_model_mismatch=True))
+    assert res.epochs_run == [1]
+
+
+@pytest.mark.parametrize("method", ["act", "tok", "tokl", "tna", "a2t", "t2a"])
+def test_every_method_trains_and_lowers_its_loss(env: dict[str, Any], tmp_path: Path, method: str) -> None:
+    res = distill(DistillConfig(cache=env["cache"], model=env["model"], method=method, lr=1e-2, epochs=4,
+                                out=str(tmp_path / method)))
+    for phase in range(len(res.epochs_run)):
+        losses = [h["train_loss"] for h in res.history if h["phase"] == phase]
+        assert losses[-1] < losses[0], (method, phase, losses)
+
+
+@pytest.mark.parametrize("adapter", ["ia3", "prompt", "prefix"])
+def test_other_adapters_train(env: dict[str, Any], tmp_path: Path, adapter: str) -> None:
+    res = distill(DistillConfig(cache=env["cache"], model=env["model"], method="act", adapter=adapter,
+                                lr=1e-2, epochs=3, out=str(tmp_path / adapter)))
+    losses = [h["train_loss"] for h in res.history]
+    assert losses[-1] < losses[0]
+    assert (tmp_path / adapter / "adapter_config.json").is_file()
+
+
+def test_rerun_of_a_finished_run_is_reused(env: dict[str, Any], tmp_path: Path) -> None:
+    cfg = DistillConfig(cache=env["cache"], model=env["model"], method="act", epochs=2, out=str(tmp_path))
+    first = distill(cfg)
+    again = distill(cfg)
+    assert again.reused and not first.reused and again.best_epoch == first.best_epoch
+
+
+_CHILD = """
+import sys
+from ia2cache.distill import DistillConfig, distill
+distill(DistillConfig(cache=sys.argv[1], model=sys.argv[2], method="a2t", lr=1e-2, epochs=4,
+                      out=sys.argv[3]))
+"""
+
+
+def test_sigkill_during_distill_then_resume_gives_same_weights(env: dict[str, Any], tmp_path: Path) -> None:
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+
+    def run(out: Path, fault: str | None) -> subprocess.CompletedProcess:
+        e = {k: v for k, v in os.environ.items() if k != "IA2CACHE_FAULT"}
+        if fault:
+            e["IA2CACHE_FAULT"] = fault
+        return subprocess.run([sys.executable, str(script), env["cache"], env["model"], str(out)],
+                              env=e, capture_output=True, text=True, timeout=300)
+
+    assert run(tmp_path / "clean", None).returncode == 0
+    killed = run(tmp_path / "killed", "distill.after_checkpoint:6")  # phase 2, epoch 2
+    assert killed.returncode == -signal.SIGKILL
+    assert (tmp_path / "killed" / "checkpoint" / "state.json").is_file()
+    assert not (tmp_path / "killed" / "run.json").exists()
+    done = run(tmp_path / "killed", None)
+    assert done.returncode == 0, done.stderr
+    a = load_file(tmp_path / "clean" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "killed" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ha = json.loads((tmp_path / "clean" / "run.json").read_text())["history"]
+    hb = json.loads((tmp_path / "killed" / "run.json").read_text())["history"]
+    assert ha == hb
