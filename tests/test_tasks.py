@@ -84,3 +84,14 @@ def test_builtin_task_is_well_formed(name: str) -> None:
 
 def test_at_least_five_builtin_tasks() -> None:
     assert len(list_builtin()) >= 5
+
+
+def test_builder_reproduces_the_shipped_data(tmp_path: Path) -> None:
+    from ia2cache.tasks import BUILTIN_DIR
+    from ia2cache.tasks.build_builtin import BUILDERS, write_task
+
+    assert sorted(BUILDERS) == list_builtin()
+    for name, build in BUILDERS.items():
+        write_task(name, build(), tmp_path)
+        for f in ("card.json", "pool.jsonl", "eval.jsonl"):
+            assert (tmp_path / name / f).read_bytes() == (BUILTIN_DIR / name / f).read_bytes(), (name, f)

@@ -6,6 +6,9 @@ Run from the repository root::
     python -m ia2cache.tasks.build_builtin --verify-tokens  # also re-check the single_token
                                                             # flags with the SmolLM2 tokenizer
 
+A seventh candidate, add_words ("3 + 4" -> "seven"), was measured and dropped: SmolLM2-135M
+goes from 0.00 (no demos) to only 0.06 with 4 demos (benchmarks/results/icl_gain.json).
+
 All facts live below as Python literals, and the output is deterministic: every split uses
 ``random.Random(0)``.  ``single_token`` in each card is hard-coded (it was checked against the
 SmolLM2-135M-Instruct tokenizer when this file was written).  The default run never loads a
@@ -772,30 +775,7 @@ PAST_EXCLUDED = (
 )
 
 # ---------------------------------------------------------------------------------------------
-# 5. add_words
-# ---------------------------------------------------------------------------------------------
-
-NUMBER_WORDS = [
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-    "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen",
-    "nineteen", "twenty",
-]
-
-
-def add_words_examples() -> list[tuple[str, str]]:
-    """Every a + b with a, b in 0..10, and every a - b with a in 0..20, b in 0..10, a >= b."""
-    rows: list[tuple[str, str]] = []
-    for a in range(11):
-        for b in range(11):
-            rows.append((f"{a} + {b}", NUMBER_WORDS[a + b]))
-    for a in range(21):
-        for b in range(min(a, 10) + 1):
-            rows.append((f"{a} - {b}", NUMBER_WORDS[a - b]))
-    return rows
-
-
-# ---------------------------------------------------------------------------------------------
-# 6. category_remap
+# 5. category_remap
 # ---------------------------------------------------------------------------------------------
 
 CATEGORY_LABELS = {"animal": "river", "fruit": "silver", "vehicle": "paper", "tool": "music"}
@@ -856,7 +836,7 @@ CATEGORY_EXCLUDED = (
 )
 
 # ---------------------------------------------------------------------------------------------
-# 7. first_letter
+# 6. first_letter
 # ---------------------------------------------------------------------------------------------
 
 FIRST_LETTER_WORDS: list[str] = [
@@ -1107,31 +1087,6 @@ def build_past_tense() -> dict:
     return {"card": card, "pool": pool, "eval": evl}
 
 
-def build_add_words() -> dict:
-    pool, evl = split_plain(add_words_examples())
-    card = {
-        "name": "add_words",
-        "description": (
-            "Compute a small sum or difference written in digits and answer with the English number word."
-        ),
-        "source": (
-            "Generated exhaustively: every a + b with a, b in 0..10 and every a - b with a in "
-            "0..20, b in 0..10 and a >= b; answers zero..twenty."
-        ),
-        "labels": None,
-        "template": "Input: {input}\nOutput:",
-        "separator": "\n\n",
-        "stop": "\n",
-        "single_token": True,
-        "notes": (
-            "The template does not say what to do; the demonstrations show both the operation "
-            "and the answer format (lowercase number word). Every number word zero..twenty "
-            "is one token with a leading space, so no result was dropped."
-        ),
-    }
-    return {"card": card, "pool": pool, "eval": evl}
-
-
 def build_category_remap() -> dict:
     groups = {cat: [(item, CATEGORY_LABELS[cat]) for item in items] for cat, items in CATEGORY_ITEMS.items()}
     pool, evl = split_stratified(groups)
@@ -1184,7 +1139,6 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "sentiment_remap": build_sentiment_remap,
     "antonyms": build_antonyms,
     "past_tense": build_past_tense,
-    "add_words": build_add_words,
     "category_remap": build_category_remap,
     "first_letter": build_first_letter,
 }
@@ -1281,11 +1235,6 @@ def check_all(out_dir: Path = OUT_DIR) -> None:
                     counts[r["target"]] += 1
                 assert len(set(counts.values())) == 1, (name, "unbalanced", counts)
     # Task-specific sanity checks.
-    _, pool, evl = load_task("add_words", out_dir)
-    for r in pool + evl:
-        a, op, b = r["input"].split()
-        val = int(a) + int(b) if op == "+" else int(a) - int(b)
-        assert NUMBER_WORDS[val] == r["target"], r
     _, pool, evl = load_task("first_letter", out_dir)
     for r in pool + evl:
         assert r["target"] == r["input"][0].lower(), r
