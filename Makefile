@@ -4,7 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 IA2 := $(VENV)/bin/ia2cache
 STAMP := $(VENV)/.installed-stamp
-DEMO_TASK ?= sentiment_remap
+DEMO_TASK ?= antonyms
+DEMO_N ?= 8
+DEMO_EVAL ?= 100
+DEMO_OUT ?= demo_out
 
 .PHONY: install test test-fast demo lint bench clean
 
@@ -29,13 +32,21 @@ test: install lint
 test-fast: install
 	$(PY) -m pytest -q -m "not integration"
 
+# The main job, one line a stage (costs measured on 2 CPU cores):
 demo: install
-	@echo "== 1. built-in tasks"
-	$(IA2) tasks
-	@echo "== 2. the default model without demos (base) on $(DEMO_TASK)"
-	$(IA2) eval --task $(DEMO_TASK) --base --n-eval 100
-	@echo "== 3. the default model with 4 demos (ICL, the teacher) on $(DEMO_TASK)"
-	$(IA2) eval --task $(DEMO_TASK) --icl --k 4 --n-eval 100
+	@mkdir -p $(DEMO_OUT)
+	@echo "== 1. collect: trace the ICL teacher once (N=$(DEMO_N), k=auto)            ~15 s"
+	$(IA2) collect --task $(DEMO_TASK) --n $(DEMO_N) --seed 0 --json > $(DEMO_OUT)/collect.json
+	@$(PY) -c "import json,os; c=json.load(open('$(DEMO_OUT)/collect.json')); os.path.lexists('$(DEMO_OUT)/cache') and os.unlink('$(DEMO_OUT)/cache'); os.symlink(c['cache'], '$(DEMO_OUT)/cache'); print('cache', c['cache'], '(reused)' if c['reused'] else '(new)', round(c['bytes_on_disk']/1e6, 2), 'MB on disk')"
+	@echo "== 2. distill SFT (tok, gold labels) from the cache                         ~30 s"
+	$(IA2) distill --cache $(DEMO_OUT)/cache --method tok --lr 1e-3 --epochs 40 --out $(DEMO_OUT)/tok
+	@echo "== 3. distill IA2 -> SFT (a2t) from the same cache, no teacher run          ~90 s"
+	$(IA2) distill --cache $(DEMO_OUT)/cache --method a2t --lr 1e-3 --epochs 40 --out $(DEMO_OUT)/a2t
+	@echo "== 4. evaluate base (no demos), ICL (k=4), SFT and IA2->SFT on the eval split  ~60 s"
+	$(IA2) eval --task $(DEMO_TASK) --base --n-eval $(DEMO_EVAL)
+	$(IA2) eval --task $(DEMO_TASK) --icl --k 4 --n-eval $(DEMO_EVAL)
+	$(IA2) eval --task $(DEMO_TASK) --adapter $(DEMO_OUT)/tok --n-eval $(DEMO_EVAL)
+	$(IA2) eval --task $(DEMO_TASK) --adapter $(DEMO_OUT)/a2t --n-eval $(DEMO_EVAL)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

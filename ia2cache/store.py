@@ -874,15 +874,18 @@ def _check_spec_paths(specs: list[ArraySpec]) -> None:
 def resolve_cache(store: str | Path, cache: str) -> Path:
     """The directory of the cache named ``cache``: a key, a name under ``store``, or a path.
 
-    A key or relative name resolves under ``store`` and must stay inside it (symlinks
-    included). An absolute path is accepted as is, wherever it is, only if it is a cache.
+    A path (absolute, or relative to the working directory) to an existing cache is accepted
+    as is. Otherwise a key or relative name resolves under ``store`` and must stay inside it
+    (symlinks included).
 
     Raises:
         IA2Error: the name leaves the store, is not a key nor an existing directory, or an
             absolute path that is not a cache.
     """
     store_dir = Path(store).resolve()
-    given = Path(cache)
+    given = Path(cache).expanduser()
+    if not _KEY_RE.fullmatch(cache) and not given.is_absolute() and _read_manifest(given) is not None:
+        return given.resolve()  # an explicit path to a cache, relative to the working directory
     if given.is_absolute():
         p = given.resolve()
         if _read_manifest(p) is None:

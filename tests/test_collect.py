@@ -252,3 +252,21 @@ def test_sigkill_then_rerun_is_bit_identical(env: dict[str, Any], tmp_path: Path
     for p in a:
         np.testing.assert_array_equal(a[p], b[p], err_msg=p)
     assert Cache.open(cache).verify() == [] and Cache.open(cache).status == "complete"
+
+
+def test_readme_store_drawing_matches_a_real_cache(env: dict[str, Any], loaded: Any, tmp_path: Path) -> None:
+    import re
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    block = readme.split("<!-- store-layout -->", 1)[1].split("```")[1]
+    drawn = set()
+    for line in block.splitlines()[2:]:
+        m = re.match(r"[│├└─ ]+(\S+)", line)
+        if m:
+            drawn.add(m.group(1))
+    res = collect(_cfg(env, tmp_path, topk_logits=3), loaded)
+    cache = Cache.open(res.cache)
+    real = {re.sub(r"acts/attn/layer_\d{3}", "acts/<site>/layer_NNN", p) for p in cache.specs}
+    real.add("ledger/shard_NNNNNN.json")
+    assert drawn == real
+    assert all(re.fullmatch(r"shard_\d{6}\.json", p.name) for p in (cache.path / "ledger").iterdir())

@@ -496,3 +496,17 @@ def test_lock_refuses_a_second_writer(tmp_path):
         pass
     with cache.lock():
         pass
+
+
+def test_resolve_cache_accepts_a_path_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = tmp_path / "store"
+    key = "0123456789abcdef"
+    Cache.create_or_open(store, key, {"n": 1}, [ArraySpec("a", (), "int32")], 4, 4, 2)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_cache(tmp_path / "elsewhere", f"store/{key}") == (store / key).resolve()
+    (tmp_path / "link").symlink_to(store / key)
+    assert resolve_cache(tmp_path / "elsewhere", "link") == (store / key).resolve()
+    with pytest.raises(IA2Error, match="outside the store"):
+        resolve_cache(store, "../store")  # a directory that is not a cache is still refused
