@@ -114,6 +114,7 @@ def eval_cmd(
     icl: bool = typer.Option(False, "--icl", help="Evaluate the base model with k demos (ICL)."),
     base: bool = typer.Option(False, "--base", help="Evaluate the base model without demos."),
     adapter: str | None = typer.Option(None, "--adapter", help="Evaluate a distilled adapter directory."),
+    agreement: bool = typer.Option(False, "--agreement", help=_EVAL["agreement"]),
     k: int = typer.Option(4, "--k", help=_EVAL["k"]),
     n_eval: int = typer.Option(200, "--n-eval", help=_EVAL["n_eval"]),
     seed: int = typer.Option(0, "--seed", help=_EVAL["seed"]),
@@ -138,7 +139,8 @@ def eval_cmd(
     if sum([icl, base, adapter is not None]) != 1:
         raise IA2Error("choose exactly one of --icl, --base and --adapter DIR")
     mode = "icl" if icl else "base" if base else "adapter"
-    config = EvalConfig(mode=mode, k=k, n_eval=n_eval, seed=seed, batch_size=batch_size)
+    config = EvalConfig(mode=mode, k=k, n_eval=n_eval, seed=seed, batch_size=batch_size,
+                        agreement=agreement)
     t = load_task(task, template=template, separator=separator, eval_fraction=eval_fraction)
     if adapter is not None:
         net, tok, record = load_adapter(adapter)
@@ -153,12 +155,13 @@ def eval_cmd(
         emit_json(result)
         return
     table = Table(title=f"{t.name} · {result['mode']} · {info['name']}")
-    for col in ("n_eval", "k", "accuracy", "ECE (equal-mass)", "ECE (equal-width)", "NLL"):
+    for col in ("n_eval", "k", "accuracy", "ECE (equal-mass)", "ECE (equal-width)", "NLL", "agree w/ ICL"):
         table.add_column(col, justify="right")
+    agree = result["agreement_with_icl"]
     table.add_row(
         str(result["n_eval"]), str(result["k"]), f"{result['accuracy']:.3f}",
         f"{result['ece_equal_mass']:.3f}", f"{result['ece_equal_width']:.3f}",
-        f"{result['nll']:.3f}",
+        f"{result['nll']:.3f}", "-" if agree is None else f"{agree:.3f}",
     )
     out.print(table)
     err.print(f"pool {len(t.pool)} examples, eval split {len(t.eval)}; scored {result['n_eval']}")

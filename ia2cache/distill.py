@@ -121,6 +121,7 @@ class DistillResult:
     final: dict[str, float | None]
     seconds: float
     reused: bool = False
+    initial_dev_loss: list[float | None] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -228,8 +229,9 @@ class _Run:
     variances: dict[int, float] | None
     out: Path
     device: torch.device
-    response_source: str = "icl"  # what the cached activations were computed on
     history: list[dict[str, Any]] = field(default_factory=list)
+    initial: dict[str, float | None] = field(default_factory=dict)
+    """Dev loss of each phase before its first step (keys are phase indices as strings)."""
 
 
 def _act_source(cache: Cache) -> str:
@@ -338,7 +340,7 @@ def _save_checkpoint(run: _Run, state: dict[str, Any], opt: torch.optim.Optimize
     if flat:
         save_file(flat, d / f"optim-{tag}.safetensors")
     meta = {**state, "tag": tag, "param_groups": osd["param_groups"], "has_best": best is not None,
-            "has_optim": bool(flat), "history": run.history}
+            "has_optim": bool(flat), "history": run.history, "initial": run.initial}
     _write_json_atomic(d / "state.json", meta)
     for p in d.iterdir():  # drop older checkpoints only after the new state.json is in place
         if p.suffix == ".safetensors" and not p.stem.endswith(tag):
@@ -369,6 +371,7 @@ def _load_checkpoint(run: _Run) -> tuple[dict[str, Any], dict[str, torch.Tensor]
             st.setdefault(int(i), {})[name] = v
         optim = {"state": st, "param_groups": meta["param_groups"]}
     run.history = meta["history"]
+    run.initial = meta.get("initial", {})
     return meta, best, optim
 
 
@@ -443,6 +446,8 @@ def _train_phase(run: _Run, phase: int, objective: str, start: dict[str, Any] | 
     opt = torch.optim.Adam(params, lr=cfg.lr)  # a fresh optimizer per phase (a2t, t2a)
     if optim_state is not None:
         opt.load_state_dict(optim_state)
+    if start is None:
+        run.initial[str(phase)] = _dev_loss(run, objective)
     first = start["epoch"] if start else 0
     best_loss = start["best_loss"] if start else float("inf")
     best_epoch = start["best_epoch"] if start else -1
@@ -509,7 +514,8 @@ def distill(config: DistillConfig, loaded: LoadedModel | None = None,
             log.info("%s already holds this finished run: reused", run.out)
             run.capture.close()
             return DistillResult(str(run.out), config.method, prev["best_epoch"], prev["epochs_run"],
-                                 prev["final"], prev["seconds"], reused=True, history=prev["history"])
+                                 prev["final"], prev["seconds"], reused=True,
+                                 initial_dev_loss=prev.get("initial_dev_loss", []), history=prev["history"])
     resumed = _load_checkpoint(run)
     start_phase, start, best, optim = 0, None, None, None
     if resumed is not None:
@@ -520,7 +526,7 @@ def distill(config: DistillConfig, loaded: LoadedModel | None = None,
     phases = SCHEDULES[config.method]
     for i, objective in enumerate(phases):
         if i < start_phase:
-            best_epochs.append(max((h["epoch"] for h in run.history if h["phase"] == i), default=-1))
+            best_epochs.append(_phase_best(run.history, i))
             epochs_run.append(sum(1 for h in run.history if h["phase"] == i))
             continue
         s = start if i == start_phase else None
@@ -531,18 +537,29 @@ def distill(config: DistillConfig, loaded: LoadedModel | None = None,
             _save_checkpoint(run, {"phase": i + 1, "epoch": 0, "best_loss": float("inf"),
                                    "best_epoch": -1, "bad": 0, "config_fingerprint": config.fingerprint()},
                              torch.optim.Adam(list(_trainable(run.model).values()), lr=config.lr), None)
-    final = _final_losses(run, phases[-1])
+    final = _final_losses(run, len(phases) - 1)
     seconds = round(time.perf_counter() - t0, 3)
     _save_outputs(run, best_epochs, epochs_run, final, seconds)
     run.capture.close()
+    initial = [run.initial.get(str(i)) for i in range(len(phases))]
     return DistillResult(str(run.out), config.method, best_epochs, epochs_run, final, seconds,
-                         history=run.history)
+                         initial_dev_loss=initial, history=run.history)
 
 
-def _final_losses(run: _Run, objective: str) -> dict[str, float | None]:
-    mine = [h for h in run.history if h["objective"] == objective]
-    best = min(mine, key=lambda h: h["dev_loss"] if h["dev_loss"] is not None else h["train_loss"],
+def _best_entry(history: list[dict[str, Any]], phase: int) -> dict[str, Any] | None:
+    """The epoch of ``phase`` that early stopping kept (lowest dev loss, else train loss)."""
+    mine = [h for h in history if h["phase"] == phase]
+    return min(mine, key=lambda h: h["dev_loss"] if h["dev_loss"] is not None else h["train_loss"],
                default=None)
+
+
+def _phase_best(history: list[dict[str, Any]], phase: int) -> int:
+    best = _best_entry(history, phase)
+    return best["epoch"] if best else -1
+
+
+def _final_losses(run: _Run, last_phase: int) -> dict[str, float | None]:
+    best = _best_entry(run.history, last_phase)
     return {"train_loss": best["train_loss"] if best else None,
             "dev_loss": best["dev_loss"] if best else None}
 
@@ -562,6 +579,7 @@ def _save_outputs(run: _Run, best_epochs: list[int], epochs_run: list[int],
         "task_spec": m.get("about", {}).get("task_spec", m.get("task")),
         "phases": list(SCHEDULES[run.config.method]),
         "history": run.history,
+        "initial_dev_loss": [run.initial.get(str(i)) for i in range(len(best_epochs))],
         "best_epoch": best_epochs,
         "epochs_run": epochs_run,
         "final": final,

@@ -8,6 +8,7 @@ answer's sequence probability.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -42,6 +43,8 @@ class EvalConfig:
     """Seed for drawing ICL demos."""
     batch_size: int = 8
     """Rows per forward pass."""
+    agreement: bool = False
+    """Also score the ICL teacher (base model, k demos) and report how often the answers agree."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("base", "icl", "adapter"):
@@ -140,6 +143,13 @@ def _cut_at_stop(tok: Any, ids: list[int], stop: str) -> tuple[str, int]:
     return text, len(ids)
 
 
+def _score(model: Any, tok: Any, task: Task, pairs: list[PromptPair], mode: str, bs: int,
+           device: torch.device, single: bool) -> dict[str, np.ndarray]:
+    if single:
+        return _score_single(model, pairs, mode, tok.pad_token_id, bs, device)
+    return _score_generate(model, tok, task, pairs, mode, bs, device)
+
+
 def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
              device: torch.device | None = None) -> dict[str, Any]:
     """Accuracy, ECE (equal-mass and equal-width, 15 bins) and NLL on the task's eval split.
@@ -157,12 +167,16 @@ def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
     single = is_single_token(task, tokenizer)
     was_training = model.training
     model.eval()
-    if single:
-        res = _score_single(model, pairs, config.mode, tokenizer.pad_token_id,
-                            config.batch_size, device)
-    else:
-        res = _score_generate(model, tokenizer, task, pairs, config.mode, config.batch_size,
-                              device)
+    res = _score(model, tokenizer, task, pairs, config.mode, config.batch_size, device, single)
+    agreement = None
+    if config.agreement and config.mode != "icl":
+        icl_pairs = build_eval_pairs(task, tokenizer, k=config.k, seed=config.seed, n_eval=config.n_eval)
+        # The teacher is the base model: switch a peft adapter off while it answers.
+        ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+        with ctx:
+            teacher = _score(model, tokenizer, task, icl_pairs, "icl", config.batch_size, device, single)
+        key = "pred" if single else "answers"
+        agreement = float(np.mean(res[key] == teacher[key]))
     model.train(was_training)
     conf, corr = res["confidence"], res["correct"]
     return {
@@ -176,6 +190,7 @@ def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
         "ece_equal_mass": ece_equal_mass(conf, corr),
         "ece_equal_width": ece_equal_width(conf, corr),
         "nll": float(np.mean(res["nll"])),
+        "agreement_with_icl": agreement,
         "seed": config.seed,
         "config": asdict(config),
         "seconds": round(time.perf_counter() - t0, 3),
