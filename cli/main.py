@@ -445,6 +445,72 @@ def distill(
               f"{result.epochs_run} · final {result.final} · {result.seconds:.1f} s")
 
 
+@app.command()
+@guarded
+def sweep(
+    task: str = typer.Option(..., "--task", help="Built-in task name or .jsonl file."),
+    n: str = typer.Option("4,8,16", "--n", help="Training set sizes N, e.g. 4,8,16."),
+    seeds: str = typer.Option("0-2", "--seeds", help="Data seeds, e.g. 0-4 or 0,3."),
+    methods: str = typer.Option("tok,act,a2t,tna", "--methods", help="Distill methods to compare."),
+    lrs: str = typer.Option("1e-3", "--lrs", help="Learning-rate grid, picked per cell on dev loss."),
+    epochs: int = typer.Option(40, "--epochs", help="Maximum epochs per phase."),
+    n_eval: int = typer.Option(100, "--n-eval", help="Eval-split rows scored per cell."),
+    icl_k: int = typer.Option(4, "--icl-k", help="Demos for the ICL baseline."),
+    model: str = typer.Option("default", "--model", help="Base model."),
+    out_dir: str = typer.Option("sweep_out", "--out", help="Directory for results.jsonl and adapters."),
+    store: str | None = typer.Option(None, "--store", help=_COL["store"]),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Run methods x N x seeds from caches collected once; appends to <out>/results.jsonl.
+
+    A rerun skips finished cells. Learning rates are chosen on the dev split only.
+
+    [bold]Examples[/]
+
+      ia2cache sweep --task antonyms --n 4,8,16 --seeds 0-2 --methods tok,act,a2t,tna
+      ia2cache sweep --task capitals --n 8 --seeds 0-4 --lrs 1e-4,3e-4,1e-3 --out runs/capitals --json
+    """
+    from ia2cache.sweep import SweepConfig, parse_ints
+    from ia2cache.sweep import sweep as run_sweep
+
+    try:
+        grid = tuple(float(x) for x in lrs.split(","))
+    except ValueError:
+        raise IA2Error(f"--lrs {lrs}: expected numbers like 1e-4,3e-4") from None
+    config = SweepConfig(task=task, out=out_dir, ns=parse_ints(n, "--n"), seeds=parse_ints(seeds, "--seeds"),
+                         methods=tuple(m.strip() for m in methods.split(",")), lrs=grid, epochs=epochs,
+                         n_eval=n_eval, icl_k=icl_k, model=model, store=store)
+    result = run_sweep(config, progress=lambda msg: err.print(f"[bold]cell[/] {msg}", highlight=False))
+    if json_out:
+        emit_json(result)
+        return
+    out.print(f"{result['cells_done']} cells run, {result['cells_skipped']} skipped (already done), "
+              f"of {result['cells_total']} · results in {result['out']}/results.jsonl")
+
+
+@app.command()
+@guarded
+def report(
+    folder: str = typer.Argument(..., help="A sweep directory (holding results.jsonl)."),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Write report.md (paper-shaped tables, mean ± std over seeds) and PNG plots.
+
+    [bold]Examples[/]
+
+      ia2cache report sweep_out
+      ia2cache report runs/capitals --json | jq .plots
+    """
+    from ia2cache.report import report as run_report
+
+    result = run_report(folder)
+    if json_out:
+        emit_json({k: v for k, v in result.items() if k != "markdown"})
+        return
+    out.print(result["markdown"])
+    err.print(f"wrote {result['report']} and {len(result['plots'])} plots")
+
+
 def main() -> None:
     app()
 

@@ -151,7 +151,7 @@ def _score(model: Any, tok: Any, task: Task, pairs: list[PromptPair], mode: str,
 
 
 def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
-             device: torch.device | None = None) -> dict[str, Any]:
+             device: torch.device | None = None, details: bool = False) -> dict[str, Any]:
     """Accuracy, ECE (equal-mass and equal-width, 15 bins) and NLL on the task's eval split.
 
     Args:
@@ -159,6 +159,8 @@ def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
         tokenizer: its tokenizer.
         task: the task; only its eval split is scored, demos come from its pool.
         config: mode, k, n_eval, seed, batch size.
+        device: where the model is; default where its parameters are.
+        details: also return per-row confidence and correctness (for reliability diagrams).
     """
     t0 = time.perf_counter()
     device = device or next(model.parameters()).device
@@ -179,7 +181,7 @@ def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
         agreement = float(np.mean(res[key] == teacher[key]))
     model.train(was_training)
     conf, corr = res["confidence"], res["correct"]
-    return {
+    out = {
         "task": task.name,
         "mode": config.mode,
         "k": k,
@@ -195,6 +197,10 @@ def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
         "config": asdict(config),
         "seconds": round(time.perf_counter() - t0, 3),
     }
+    if details:
+        out["rows"] = {"confidence": conf.tolist(), "correct": corr.astype(int).tolist(),
+                       "example_id": [p.example_id for p in pairs]}
+    return out
 
 
 def load_adapter(adapter_dir: str | Path, device: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
