@@ -455,7 +455,9 @@ def sweep(
     lrs: str = typer.Option("1e-3", "--lrs", help="Learning-rate grid, picked per cell on dev loss."),
     epochs: int = typer.Option(40, "--epochs", help="Maximum epochs per phase."),
     n_eval: int = typer.Option(100, "--n-eval", help="Eval-split rows scored per cell."),
-    icl_k: int = typer.Option(4, "--icl-k", help="Demos for the ICL baseline."),
+    icl_k: int | None = typer.Option(
+        None, "--icl-k", help="Demos for the ICL baseline (default: the teacher's k, min(N-1, 8))."
+    ),
     model: str = typer.Option("default", "--model", help="Base model."),
     out_dir: str = typer.Option("sweep_out", "--out", help="Directory for results.jsonl and adapters."),
     store: str | None = typer.Option(None, "--store", help=_COL["store"]),

@@ -509,12 +509,18 @@ def collect(config: CollectConfig, loaded: Any | None = None,
         for shard in missing:
             a, b = cache.shard_rows(shard)
             pairs = list(plan.rows[a:b])
+            # Micro-batches of similar length waste less compute on padding; the order is a
+            # pure function of the shard's rows, so a resumed shard batches identically.
+            order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i].teacher_ids), i))
+            by_len = [pairs[i] for i in order]
             results = [
-                teacher.run(pairs[i : i + batch_size], plan.t, config.response, config.positions,
+                teacher.run(by_len[i : i + batch_size], plan.t, config.response, config.positions,
                             plan.task.stop, plan.p_slots)
-                for i in range(0, len(pairs), batch_size)
+                for i in range(0, len(by_len), batch_size)
             ]
-            cache.write_shard(shard, _shard_data(plan, config, pairs, results, pool_index))
+            data = _shard_data(plan, config, by_len, results, pool_index)
+            back = np.argsort(order)
+            cache.write_shard(shard, {path: arr[back] for path, arr in data.items()})
             rows_computed += b - a
             done_rows += b - a
             if progress:

@@ -232,6 +232,8 @@ class _Run:
     history: list[dict[str, Any]] = field(default_factory=list)
     initial: dict[str, float | None] = field(default_factory=dict)
     """Dev loss of each phase before its first step (keys are phase indices as strings)."""
+    loop_seconds: float = 0.0
+    """Wall time inside the training loops (steps plus waiting for data)."""
 
 
 def _act_source(cache: Cache) -> str:
@@ -460,6 +462,7 @@ def _train_phase(run: _Run, phase: int, objective: str, start: dict[str, Any] | 
         run.train.set_epoch(phase * 100_000 + epoch)  # a fresh, reproducible order per epoch
         total, rows = 0.0, 0
         opt.zero_grad(set_to_none=True)
+        t_loop = time.perf_counter()
         for step, batch in enumerate(run.train, start=1):
             loss = _losses(run, batch, objective)
             (loss / cfg.grad_accum).backward()
@@ -471,6 +474,7 @@ def _train_phase(run: _Run, phase: int, objective: str, start: dict[str, Any] | 
             if progress:
                 progress({"phase": phase, "objective": objective, "epoch": epoch, "step": step,
                           "steps": len(run.train), "loss": loss.item()})
+        run.loop_seconds += time.perf_counter() - t_loop
         train_loss = total / max(rows, 1)
         dev_loss = _dev_loss(run, objective)
         score = dev_loss if dev_loss is not None else train_loss
@@ -584,6 +588,8 @@ def _save_outputs(run: _Run, best_epochs: list[int], epochs_run: list[int],
         "epochs_run": epochs_run,
         "final": final,
         "seconds": seconds,
+        "data_wait_seconds": round(run.train.wait_seconds, 4),
+        "train_loop_seconds": round(run.loop_seconds, 4),
     }
     _write_json_atomic(run.out / "run.json", record)
     shutil.rmtree(_ckpt_dir(run.out), ignore_errors=True)

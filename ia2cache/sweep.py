@@ -25,6 +25,7 @@ from ia2cache.errors import IA2Error
 from ia2cache.evaluate import EvalConfig, evaluate, load_adapter
 from ia2cache.models import load_model
 from ia2cache.objectives import SCHEDULES
+from ia2cache.prompts import PromptConfig
 from ia2cache.tasks import load_task
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,8 @@ class SweepConfig:
     """Maximum epochs per phase (early stopping on dev rows, patience 5)."""
     n_eval: int = 100
     """Eval-split rows scored per cell."""
-    icl_k: int = 4
-    """Demos for the ICL baseline."""
+    icl_k: int | None = None
+    """Demos for the ICL baseline; None: the teacher's own k, min(N-1, 8)."""
     model: str = "default"
     """Base model."""
     store: str | None = None
@@ -124,12 +125,16 @@ def _metrics(r: dict[str, Any]) -> dict[str, Any]:
     return {k: r.get(k) for k in keys}
 
 
+def _icl_k(config: SweepConfig, n: int) -> int:
+    return config.icl_k if config.icl_k is not None else max(1, PromptConfig(n=n).k_effective)
+
+
 def sweep(config: SweepConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every missing cell of the grid; returns counts of cells total/done/skipped."""
     out = Path(config.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(asdict(config), indent=1, sort_keys=True))
     task = load_task(config.task)
+    (out / f"sweep-{task.name}.json").write_text(json.dumps(asdict(config), indent=1, sort_keys=True))
     done = {_cell_key(r) for r in read_results(out)}
     say = progress or (lambda msg: log.info("%s", msg))
     cells = [("base", 0, 0)] + [(m, n, s) for n in config.ns for s in config.seeds
@@ -144,7 +149,7 @@ def sweep(config: SweepConfig, progress: Callable[[str], None] | None = None) ->
         row: dict[str, Any] = {"task": task.name, "n": n, "seed": seed, "method": method}
         if method in ("base", "icl"):
             base_model = base_model or load_model(config.model)
-            ec = EvalConfig(mode=method, k=config.icl_k, n_eval=config.n_eval, seed=seed)
+            ec = EvalConfig(mode=method, k=_icl_k(config, n), n_eval=config.n_eval, seed=seed)
             r = evaluate(base_model.model, base_model.tokenizer, task, ec, details=True)
         else:
             cache = collect(CollectConfig(model=config.model, task=config.task, n=n, seed=seed,
@@ -158,7 +163,8 @@ def sweep(config: SweepConfig, progress: Callable[[str], None] | None = None) ->
             lr = select_lr((lr_, res.final["dev_loss"]) for lr_, res in runs)
             chosen = next(res for lr_, res in runs if lr_ == lr)
             model, tok, _ = load_adapter(chosen.adapter)
-            ec = EvalConfig(mode="adapter", k=config.icl_k, n_eval=config.n_eval, seed=seed, agreement=True)
+            ec = EvalConfig(mode="adapter", k=_icl_k(config, n), n_eval=config.n_eval, seed=seed,
+                            agreement=True)
             r = evaluate(model, tok, task, ec, details=True)
             row.update({"lr": lr, "grid": {f"{lr_:g}": res.final["dev_loss"] for lr_, res in runs},
                         "dev_loss": chosen.final["dev_loss"], "best_epoch": chosen.best_epoch,
