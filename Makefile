@@ -48,5 +48,17 @@ demo: install
 	$(IA2) eval --task $(DEMO_TASK) --adapter $(DEMO_OUT)/tok --n-eval $(DEMO_EVAL)
 	$(IA2) eval --task $(DEMO_TASK) --adapter $(DEMO_OUT)/a2t --n-eval $(DEMO_EVAL)
 
+# Benchmarks, one after another: each prints one JSON object and writes
+# benchmarks/results/NAME.json. benchmarks/gpu_check.sh is the check for a CUDA machine.
+bench: install
+	$(PY) -m benchmarks.storage
+	$(PY) -m benchmarks.memory
+	$(PY) -m benchmarks.data_wait
+	$(PY) -m benchmarks.loader_throughput
+	$(PY) -m benchmarks.capture_overhead
+	$(PY) -m benchmarks.sweep_reuse
+	$(PY) -m benchmarks.collect_vs_reference
+	$(PY) -m benchmarks.icl_gain
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

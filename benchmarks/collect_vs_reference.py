@@ -39,7 +39,7 @@ def reference(model: Any, pairs: list[Any], t: int, eos: int) -> tuple[list[list
     for p in pairs:
         seq, resp, per_t = list(p.teacher_ids), [], []
         for _ in range(t):
-            logits = model(input_ids=torch.tensor([seq])).logits
+            logits = model(input_ids=torch.tensor([seq], device=model.device)).logits
             per_t.append(torch.stack([got[i] for i in range(len(layers))]))
             tok = int(logits[0, -1].argmax())
             resp.append(tok)
@@ -86,6 +86,7 @@ def main() -> None:
             same_resp = sum(list(resp[i, : rlen[i]]) == r[: rlen[i]] for i, r in enumerate(ref_resp))
             layer = cache.read("acts/attn/layer_015", 0, res.rows)
             ours_l15 = torch.from_numpy(layer.astype(np.uint16)).view(torch.bfloat16).float()
+            ref_acts = [a.float().cpu() for a in ref_acts]
             err = max(float((ours_l15[i, 0] - ref_acts[i][0, 15]).abs().max()) for i in range(res.rows))
             scale = max(float(ref_acts[i][0, 15].abs().max()) for i in range(res.rows))
             values = res.rows * t * 30 * 576

@@ -126,7 +126,9 @@ def _metrics(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def _icl_k(config: SweepConfig, n: int) -> int:
-    return config.icl_k if config.icl_k is not None else max(1, PromptConfig(n=n).k_effective)
+    if config.icl_k is not None:
+        return config.icl_k
+    return PromptConfig(n=n).k_effective if n >= 2 else 1  # base cells (n=0) use no demos
 
 
 def sweep(config: SweepConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:

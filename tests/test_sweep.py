@@ -28,7 +28,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, tiny_tok: Any) -> dict[str, st
 
 def _config(env: dict[str, str], out: Path) -> SweepConfig:
     return SweepConfig(task=env["task"], out=str(out), ns=(4,), seeds=(0, 1), methods=("tok", "a2t"),
-                       lrs=(3e-2, 1e-3), epochs=2, n_eval=6, icl_k=2, model=env["model"], store=env["store"])
+                       lrs=(3e-2, 1e-3), epochs=2, n_eval=6, model=env["model"], store=env["store"])
 
 
 def test_sweep_runs_cells_selects_on_dev_and_resumes(env: dict[str, str], tmp_path: Path,

@@ -1,0 +1,152 @@
+"""What capturing and writing the teacher costs: ia2cache ``collect`` against a bare teacher loop.
+
+Both sides do the same model work on the same rows (default model, task antonyms, 64 rows,
+k=8, T in {1, 8}), micro-batch by micro-batch (``--batch-size`` rows, inside shards of 32 rows
+as collect forms them):
+
+- **bare**: for T>1 the batched KV-cached greedy generate (``ia2cache.collect._generate``)
+  plus one teacher-forced forward over ``prompt + response[:-1]`` (right padded,
+  ``torch.no_grad()``); for T=1 a single forward whose argmax at the last prompt token is the
+  response. No nnsight, no capture, no writes. With ``--bare-head aligned`` (the default) the
+  forward is the decoder plus its final norm and the LM head is applied at the aligned
+  positions only, which is exactly the model work collect does (its trace stops after the
+  final norm). ``--bare-head full`` is a plain ``model(...)`` with the LM head over every
+  position: that is more work than collect does (~20% of this model's FLOPs per token), so it
+  flatters collect.
+- **ours**: ``collect`` into a fresh temp store, all 30 layers, bf16, with the model already
+  loaded: prompt building, nnsight tracing, encoding, checksums, stats and zarr writes.
+
+Both sides include loading the task and building the prompt pairs. They run alternately,
+bare, ours, bare, ours (``--repeats`` pairs), and the min of each is kept.
+
+Target: overhead = ours / bare - 1 <= 10%.
+
+Launch: ``python -m benchmarks.capture_overhead [--rows 64] [--k 8] [--t 1,8] [--batch-size 8]``;
+writes ``benchmarks/results/capture_overhead.json`` and prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from benchmarks._common import write_result
+from ia2cache.collect import CollectConfig, _generate, _pad_right, collect
+from ia2cache.models import LoadedModel, load_model
+from ia2cache.prompts import PromptConfig, build_pairs
+from ia2cache.store import Cache
+from ia2cache.tasks import load_task
+
+TARGET = 0.10
+SHARD_ROWS = 32
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def bare(lm: LoadedModel, task_name: str, n: int, k: int, t: int, batch_size: int,
+         head: str) -> list[list[int]]:
+    """The teacher's model work with no capture and no writes; returns the responses."""
+    model, tok = lm.model, lm.tokenizer
+    task = load_task(task_name)
+    rows = list(build_pairs(task, tok, PromptConfig(n=n, k=k)).rows)
+    dev = next(model.parameters()).device
+    responses: list[list[int]] = []
+    for s in range(0, len(rows), SHARD_ROWS):
+        shard = rows[s : s + SHARD_ROWS]
+        for i in range(0, len(shard), batch_size):
+            pairs = shard[i : i + batch_size]
+            prompts = [list(p.teacher_ids) for p in pairs]
+            if t == 1:
+                resp: list[list[int]] = [[] for _ in pairs]
+            else:
+                resp = _generate(model, tok, prompts, t, task.stop)
+            seqs = [p + r[:-1] for p, r in zip(prompts, resp, strict=True)]
+            ids, mask = _pad_right(seqs, tok.pad_token_id)
+            ids, mask = ids.to(dev), mask.to(dev)
+            last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
+            rows_ix = torch.arange(len(pairs), device=dev)
+            if head == "full":
+                logits = model(input_ids=ids, attention_mask=mask).logits
+                last_logits = logits[rows_ix, last]
+            else:
+                # Decoder + final norm; the LM head only where collect applies it: at the last
+                # prompt token when T=1 (the response), nowhere when T>1 (no top-k logits).
+                hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
+                if t == 1:
+                    last_logits = model.get_output_embeddings()(hidden[rows_ix, last]).float()
+            if t == 1:
+                resp = [[int(x)] for x in last_logits.argmax(-1).tolist()]
+            responses.extend(resp)
+    _sync(dev)
+    return responses
+
+
+def ours(lm: LoadedModel, task_name: str, n: int, k: int, t: int, batch_size: int) -> tuple[float, Any]:
+    with tempfile.TemporaryDirectory(prefix="ia2-overhead-") as store:
+        cfg = CollectConfig(task=task_name, n=n, k=k, max_new_tokens=t, store=store, batch_size=batch_size,
+                            shard_rows=SHARD_ROWS, layers="all", dtype="bf16")
+        t0 = time.perf_counter()
+        res = collect(cfg, lm)
+        seconds = time.perf_counter() - t0
+        cache = Cache.open(res.cache)
+        ids = cache.read("tokens/response_ids", 0, res.rows)
+        lens = cache.read("tokens/response_len", 0, res.rows)
+        resp = [ids[i, : lens[i]].tolist() for i in range(res.rows)]
+        assert not res.reused and res.rows_computed == res.rows
+    return seconds, resp
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rows", type=int, default=64, help="train + dev rows (N + N//2)")
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--t", default="1,8", help="comma-separated T values")
+    ap.add_argument("--task", default="antonyms")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2, help="bare/ours pairs; the min of each is kept")
+    ap.add_argument("--bare-head", choices=["aligned", "full"], default="aligned")
+    ap.add_argument("--size", choices=["default", "large"], default="default")
+    args = ap.parse_args()
+    if args.size == "large":
+        args.rows = 256
+    lm = load_model("default")
+    n = (2 * args.rows + 2) // 3  # N train + N//2 dev = rows
+    runs = []
+    for t in (int(x) for x in args.t.split(",")):
+        bare_s: list[float] = []
+        ours_s: list[float] = []
+        same = None
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            bare_resp = bare(lm, args.task, n, args.k, t, args.batch_size, args.bare_head)
+            bare_s.append(time.perf_counter() - t0)
+            s, our_resp = ours(lm, args.task, n, args.k, t, args.batch_size)
+            ours_s.append(s)
+            same = sum(a == b for a, b in zip(bare_resp, our_resp, strict=True))
+        b, o = min(bare_s), min(ours_s)
+        runs.append({
+            "t": t, "rows": len(bare_resp), "n": n, "k": args.k,
+            "bare_seconds": [round(x, 3) for x in bare_s], "ours_seconds": [round(x, 3) for x in ours_s],
+            "bare_min_seconds": round(b, 3), "ours_min_seconds": round(o, 3),
+            "overhead": round(o / b - 1, 4), "target": TARGET, "meets_target": o / b - 1 <= TARGET,
+            "responses_equal": f"{same}/{len(bare_resp)}",
+        })
+        print(runs[-1], flush=True)
+    write_result("capture_overhead", {
+        "model": lm.info.name, "device": str(lm.device), "dtype": str(next(lm.model.parameters()).dtype),
+        "task": args.task, "batch_size": args.batch_size, "shard_rows": SHARD_ROWS,
+        "bare_head": args.bare_head, "repeats": args.repeats, "runs": runs,
+        "max_overhead": max(r["overhead"] for r in runs),
+    })
+
+
+if __name__ == "__main__":
+    main()
