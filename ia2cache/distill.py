@@ -342,6 +342,7 @@ def _save_checkpoint(run: _Run, state: dict[str, Any], opt: torch.optim.Optimize
     if flat:
         save_file(flat, d / f"optim-{tag}.safetensors")
     meta = {**state, "tag": tag, "param_groups": osd["param_groups"], "has_best": best is not None,
+            "config_fingerprint": run.config.fingerprint(), "cache_key": run.cache.key,
             "has_optim": bool(flat), "history": run.history, "initial": run.initial}
     _write_json_atomic(d / "state.json", meta)
     for p in d.iterdir():  # drop older checkpoints only after the new state.json is in place
@@ -356,9 +357,9 @@ def _load_checkpoint(run: _Run) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     if not (d / "state.json").is_file():
         return None
     meta = json.loads((d / "state.json").read_text())
-    if meta.get("config_fingerprint") != run.config.fingerprint():
+    if meta.get("config_fingerprint") != run.config.fingerprint() or meta.get("cache_key") != run.cache.key:
         raise IA2Error(
-            f"--out {run.out}: holds a checkpoint of a different run configuration; "
+            f"--out {run.out}: holds a checkpoint of a different run (configuration or cache); "
             "choose another --out or delete it"
         )
     tag = meta["tag"]
@@ -488,8 +489,7 @@ def _train_phase(run: _Run, phase: int, objective: str, start: dict[str, Any] | 
             progress({"phase": phase, "objective": objective, "epoch": epoch, "train_loss": train_loss,
                       "dev_loss": dev_loss, "end_of_epoch": True})
         _save_checkpoint(run, {"phase": phase, "epoch": epoch + 1, "best_loss": best_loss,
-                               "best_epoch": best_epoch, "bad": bad,
-                               "config_fingerprint": cfg.fingerprint()}, opt, best)
+                               "best_epoch": best_epoch, "bad": bad}, opt, best)
         fault_point("distill.after_checkpoint")
     if best is not None:
         _restore(run.model, best)  # really restore the best epoch's weights
@@ -539,7 +539,7 @@ def distill(config: DistillConfig, loaded: LoadedModel | None = None,
         epochs_run.append(n)
         if i + 1 < len(phases):  # the next phase starts from this phase's best state
             _save_checkpoint(run, {"phase": i + 1, "epoch": 0, "best_loss": float("inf"),
-                                   "best_epoch": -1, "bad": 0, "config_fingerprint": config.fingerprint()},
+                                   "best_epoch": -1, "bad": 0},
                              torch.optim.Adam(list(_trainable(run.model).values()), lr=config.lr), None)
     final = _final_losses(run, len(phases) - 1)
     seconds = round(time.perf_counter() - t0, 3)

@@ -101,17 +101,22 @@ def plots(rows: list[dict[str, Any]], folder: Path, preds: Path | None = None) -
         plt.close(fig)
         written.append(path)
     if preds is not None and preds.is_dir():
-        written.append(_reliability(preds, folder, plt))
+        for task in sorted(summary):
+            path = _reliability(preds, task, folder, plt)
+            if path is not None:
+                written.append(path)
     return written
 
 
-def _reliability(preds: Path, folder: Path, plt: Any, n_bins: int = 15) -> Path:
+def _reliability(preds: Path, task: str, folder: Path, plt: Any, n_bins: int = 15) -> Path | None:
     pooled: dict[str, tuple[list[float], list[int]]] = defaultdict(lambda: ([], []))
-    for f in sorted(preds.glob("*.json")):
-        method = f.stem.split("-n")[0]
+    for f in sorted(preds.glob(f"{task}__*.json")):
+        method = f.stem.split("__")[1]
         d = json.loads(f.read_text())
         pooled[method][0].extend(d["confidence"])
         pooled[method][1].extend(d["correct"])
+    if not pooled:
+        return None
     methods = [m for m in COLUMNS if m in pooled]
     fig, axes = plt.subplots(1, len(methods), figsize=(3 * len(methods), 3.2), squeeze=False)
     for ax, m in zip(axes[0], methods, strict=True):
@@ -130,9 +135,9 @@ def _reliability(preds: Path, folder: Path, plt: Any, n_bins: int = 15) -> Path:
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
     axes[0][0].set_ylabel("accuracy")
-    fig.suptitle("reliability (15 equal-width bins, all seeds and N pooled)")
+    fig.suptitle(f"{task}: reliability (15 equal-width bins, all seeds and N pooled)")
     fig.tight_layout()
-    path = folder / "reliability.png"
+    path = folder / f"{task}_reliability.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

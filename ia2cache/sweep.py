@@ -158,9 +158,10 @@ def sweep(config: SweepConfig, progress: Callable[[str], None] | None = None) ->
                                           store=config.store))
             runs = []
             for lr in config.lrs:
+                run_dir = out / "adapters" / task.name / f"n{n}-s{seed}" / f"{method}-lr{lr:g}"
                 dc = DistillConfig(cache=cache.cache, method=method, lr=lr, epochs=config.epochs,
                                    seed=seed, labels=config.labels, adapter=config.adapter,
-                                   out=str(out / "adapters" / f"n{n}-s{seed}" / f"{method}-lr{lr:g}"))
+                                   out=str(run_dir))
                 runs.append((lr, distill(dc)))
             lr = select_lr((lr_, res.final["dev_loss"]) for lr_, res in runs)
             chosen = next(res for lr_, res in runs if lr_ == lr)
@@ -174,7 +175,7 @@ def sweep(config: SweepConfig, progress: Callable[[str], None] | None = None) ->
         row.update(_metrics(r))
         preds = out / "preds"
         preds.mkdir(exist_ok=True)
-        (preds / f"{method}-n{n}-s{seed}.json").write_text(json.dumps(r["rows"]))
+        (preds / f"{task.name}__{method}__n{n}__s{seed}.json").write_text(json.dumps(r["rows"]))
         _append(out, row)
     total = len(cells)
     return {"out": str(out), "cells_total": total, "cells_done": total - skipped,

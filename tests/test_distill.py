@@ -193,3 +193,18 @@ def test_sigkill_during_distill_then_resume_gives_same_weights(env: dict[str, An
     ha = json.loads((tmp_path / "clean" / "run.json").read_text())["history"]
     hb = json.loads((tmp_path / "killed" / "run.json").read_text())["history"]
     assert ha == hb
+
+
+def test_checkpoint_of_another_cache_is_refused(env: dict[str, Any], tmp_path: Path) -> None:
+    other = collect(CollectConfig(model=env["model"], task=str(env["dir"] / "task.jsonl"), n=16, k=4, seed=1,
+                                  store=str(env["dir"] / "store"), max_new_tokens=2, dtype="fp32"))
+    out = tmp_path / "run"
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    e = {**os.environ, "IA2CACHE_FAULT": "distill.after_checkpoint:1"}
+    killed = subprocess.run([sys.executable, str(script), env["cache"], env["model"], str(out)], env=e,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    with pytest.raises(IA2Error, match="different run"):
+        distill(DistillConfig(cache=other.cache, model=env["model"], method="a2t", lr=1e-2, epochs=4,
+                              out=str(out)))

@@ -86,10 +86,10 @@ def test_report_table_and_plots(tmp_path: Path) -> None:
     (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     preds = tmp_path / "preds"
     preds.mkdir()
-    (preds / "tok-n4-s0.json").write_text(json.dumps({"confidence": [0.9, 0.2], "correct": [1, 0]}))
+    (preds / "t__tok__n4__s0.json").write_text(json.dumps({"confidence": [0.9, 0.2], "correct": [1, 0]}))
     res = report(tmp_path)
     assert Path(res["report"]).read_text().startswith("**t: accuracy**")
-    assert {Path(p).name for p in res["plots"]} == {"t_vs_n.png", "reliability.png"}
+    assert {Path(p).name for p in res["plots"]} == {"t_vs_n.png", "t_reliability.png"}
     assert all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in res["plots"])
 
 
