@@ -469,3 +469,15 @@ def test_every_resume_point_and_memory_bound(tmp_path: Path, n_train: int, rpc: 
         _assert_same(list(loader), ref[1][pos:])
         needed = {r // rpc for r in full.order(1)[pos * bs : n_batches * bs]}
         assert loader.chunks_read == len(needed)
+
+
+def test_read_rows_reads_bigger_units_and_keeps_every_row_once(tmp_path: Path) -> None:
+    path = _synthetic(tmp_path, n_train=96, n_dev=4, rpc=4)  # shards of 8 rows
+    small = CacheLoader(path, LoaderConfig(batch_size=8, seed=3))
+    big = CacheLoader(path, LoaderConfig(batch_size=8, seed=3, read_rows=8))
+    for loader in (small, big):
+        rows = [int(r) for b in loader for r in b.rows]
+        assert sorted(rows) == list(range(96))
+    assert small.chunks_read == 24 and big.chunks_read == 12
+    with pytest.raises(IA2Error, match="read_rows 6"):
+        CacheLoader(path, LoaderConfig(read_rows=6))
