@@ -95,15 +95,17 @@ def read_results(out: Path) -> list[dict[str, Any]]:
     path = out / "results.jsonl"
     if not path.is_file():
         return []
-    rows = []
+    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
     for i, line in enumerate(path.read_text().splitlines(), start=1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 # A line cut by a kill mid-write: that cell simply reruns.
                 log.warning("%s:%d: unreadable line skipped", path, i)
-    return rows
+                continue
+            rows[_cell_key(row)] = row  # a cell finished twice (two workers) counts once
+    return list(rows.values())
 
 
 def _append(out: Path, row: dict[str, Any]) -> None:

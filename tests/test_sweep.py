@@ -67,8 +67,10 @@ def test_select_lr_sees_only_dev_losses() -> None:
 
 def test_cut_line_in_results_is_skipped_and_that_cell_reruns(tmp_path: Path) -> None:
     good = {"task": "t", "n": 4, "seed": 0, "method": "tok", "accuracy": 1.0}
-    (tmp_path / "results.jsonl").write_text(json.dumps(good) + "\n" + '{"task": "t", "n": 4, "se')
-    assert read_results(tmp_path) == [good]
+    twice = {**good, "accuracy": 0.5}
+    (tmp_path / "results.jsonl").write_text(
+        json.dumps(good) + "\n" + json.dumps(twice) + "\n" + '{"task": "t", "n": 4, "se')
+    assert read_results(tmp_path) == [twice]
 
 
 def test_report_table_and_plots(tmp_path: Path) -> None:
