@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,3 +23,17 @@ def tiny_model(tiny_tok: Any) -> Any:
 def write_jsonl(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + ("\n" if lines else ""), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tok: Any) -> Path:
+    """The tiny Llama and its tokenizer saved as a model directory (``--model DIR``)."""
+    d = tmp_path_factory.mktemp("tiny-model")
+    tiny_llama(len(tiny_tok)).save_pretrained(d)
+    tiny_tok.save_pretrained(d)
+    return d
+
+
+def write_task(path: Path, pairs: Iterable[tuple[str, str]]) -> Path:
+    """A JSONL task file from (input, target) pairs."""
+    return write_jsonl(path, [json.dumps({"input": x, "target": y}) for x, y in pairs])

@@ -9,21 +9,17 @@ from typer.testing import CliRunner
 
 from cli.main import app
 from ia2cache.store import Cache
+from tests.conftest import write_task
 
 runner = CliRunner()
 WORDS = ["hot", "up", "big", "walk", "go", "France", "Spain", "Italy"]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory, tiny_tok: Any) -> dict[str, str]:
-    from ia2cache.testing import tiny_llama
-
+def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, str]:
     d = tmp_path_factory.mktemp("cli")
-    tiny_llama(len(tiny_tok)).save_pretrained(d / "model")
-    tiny_tok.save_pretrained(d / "model")
-    lines = [json.dumps({"input": f"{WORDS[i % 8]} {i}", "target": WORDS[(i * 3) % 8]}) for i in range(60)]
-    (d / "task.jsonl").write_text("\n".join(lines) + "\n")
-    return {"model": str(d / "model"), "task": str(d / "task.jsonl"), "store": str(d / "store")}
+    task = write_task(d / "task.jsonl", ((f"{WORDS[i % 8]} {i}", WORDS[(i * 3) % 8]) for i in range(60)))
+    return {"model": str(tiny_model_dir), "task": str(task), "store": str(d / "store")}
 
 
 def _collect(env: dict[str, str], *extra: str) -> Any:
@@ -59,7 +55,7 @@ def test_collect_ls_inspect_verify_roundtrip(env: dict[str, str]) -> None:
     for key in ("key", "status", "rows", "model", "task", "site", "layers", "dtype", "positions",
                 "max_new_tokens", "n", "k", "seed"):
         assert key in m
-    assert m["model"]["fingerprint"] and m["model"]["name"] == "model" and m["n"] == 8
+    assert m["model"]["fingerprint"] and m["model"]["name"] == Path(env["model"]).name and m["n"] == 8
 
     ok = runner.invoke(app, ["verify", first["key"], "--store", env["store"], "--json"])
     assert ok.exit_code == 0 and json.loads(ok.stdout) == {

@@ -20,24 +20,18 @@ from ia2cache.prompts import PromptConfig, build_pairs
 from ia2cache.sites import SITES, decoder_layers
 from ia2cache.store import Cache
 from ia2cache.tasks import load_task
+from tests.conftest import write_task
 
 WORDS = ["hot", "up", "big", "walk", "go", "France", "Spain", "Italy", "The food was great"]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory, tiny_tok: Any) -> dict[str, Any]:
-    from ia2cache.testing import tiny_llama
-
+def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Any]:
     d = tmp_path_factory.mktemp("collect")
-    tiny_llama(len(tiny_tok)).save_pretrained(d / "model")
-    tiny_tok.save_pretrained(d / "model")
     # Inputs of very different lengths, so batches mix short and long rows.
-    lines = [
-        json.dumps({"input": " ".join(WORDS[: 1 + (i * 5) % 9]) + f" {i}", "target": WORDS[(i * 3) % 5]})
-        for i in range(90)
-    ]
-    (d / "task.jsonl").write_text("\n".join(lines) + "\n")
-    return {"dir": d, "model": str(d / "model"), "task": str(d / "task.jsonl")}
+    write_task(d / "task.jsonl", ((" ".join(WORDS[: 1 + (i * 5) % 9]) + f" {i}", WORDS[(i * 3) % 5])
+                                  for i in range(90)))
+    return {"dir": d, "model": str(tiny_model_dir), "task": str(d / "task.jsonl")}
 
 
 @pytest.fixture(scope="module")

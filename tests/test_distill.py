@@ -20,24 +20,22 @@ from ia2cache.loader import CacheLoader, LoaderConfig
 from ia2cache.models import load_model
 from ia2cache.objectives import masked_mse
 from ia2cache.sites import SITES, decoder_layers
+from tests.conftest import write_task
 
 WORDS = ["hot", "up", "big", "walk", "go", "France", "Spain", "Italy"]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory, tiny_tok: Any) -> dict[str, Any]:
+def env(tmp_path_factory: pytest.TempPathFactory, tiny_tok: Any, tiny_model_dir: Path) -> dict[str, Any]:
     from ia2cache.testing import tiny_llama
 
     d = tmp_path_factory.mktemp("distill")
-    tiny_llama(len(tiny_tok)).save_pretrained(d / "model")
-    tiny_tok.save_pretrained(d / "model")
     tiny_llama(len(tiny_tok), seed=7).save_pretrained(d / "other")
     tiny_tok.save_pretrained(d / "other")
-    lines = [json.dumps({"input": f"{WORDS[i % 8]} {i}", "target": WORDS[(i * 3) % 8]}) for i in range(80)]
-    (d / "task.jsonl").write_text("\n".join(lines) + "\n")
-    res = collect(CollectConfig(model=str(d / "model"), task=str(d / "task.jsonl"), n=16, k=4,
+    write_task(d / "task.jsonl", ((f"{WORDS[i % 8]} {i}", WORDS[(i * 3) % 8]) for i in range(80)))
+    res = collect(CollectConfig(model=str(tiny_model_dir), task=str(d / "task.jsonl"), n=16, k=4,
                                 store=str(d / "store"), max_new_tokens=2, topk_logits=5, dtype="fp32"))
-    return {"dir": d, "model": str(d / "model"), "cache": res.cache}
+    return {"dir": d, "model": str(tiny_model_dir), "cache": res.cache}
 
 
 def _train_mse(env: dict[str, Any], model: Any) -> float:

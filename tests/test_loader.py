@@ -18,6 +18,7 @@ from ia2cache.errors import IA2Error
 from ia2cache.loader import Batch, CacheLoader, LoaderConfig
 from ia2cache.models import ModelInfo, load_model
 from ia2cache.store import Cache, decode_activations
+from tests.conftest import write_task
 
 WORDS = ["hot", "up", "big", "walk", "go", "France", "Spain", "Italy", "The food was great"]
 SITE = "attn"
@@ -25,25 +26,18 @@ PAD = 7  # a pad id that is not 0, so that pad substitution is visible
 
 
 @pytest.fixture(scope="module")
-def cache_path(tmp_path_factory: pytest.TempPathFactory, tiny_tok: Any) -> str:
+def cache_path(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> str:
     """A bf16 cache with top-k logits: 30 train rows then 15 dev rows, in chunks of 4 rows.
 
     The split boundary (row 30) cuts the chunk [28, 32) in two partial chunks.
     """
-    from ia2cache.testing import tiny_llama
-
     d = tmp_path_factory.mktemp("loader")
-    tiny_llama(len(tiny_tok)).save_pretrained(d / "model")
-    tiny_tok.save_pretrained(d / "model")
-    lines = [
-        json.dumps({"input": " ".join(WORDS[: 1 + (i * 5) % 9]) + f" {i}", "target": WORDS[(i * 3) % 5]})
-        for i in range(90)
-    ]
-    (d / "task.jsonl").write_text("\n".join(lines) + "\n")
-    loaded = load_model(str(d / "model"), device="cpu")
-    cfg = CollectConfig(model=str(d / "model"), task=str(d / "task.jsonl"), n=30, k=3, store=str(d / "store"),
-                        dtype="bf16", batch_size=8, shard_rows=8, chunk_rows=4, max_new_tokens=2,
-                        topk_logits=3)
+    write_task(d / "task.jsonl", ((" ".join(WORDS[: 1 + (i * 5) % 9]) + f" {i}", WORDS[(i * 3) % 5])
+                                  for i in range(90)))
+    loaded = load_model(str(tiny_model_dir), device="cpu")
+    cfg = CollectConfig(model=str(tiny_model_dir), task=str(d / "task.jsonl"), n=30, k=3,
+                        store=str(d / "store"), dtype="bf16", batch_size=8, shard_rows=8, chunk_rows=4,
+                        max_new_tokens=2, topk_logits=3)
     res = collect(cfg, loaded)
     c = Cache.open(res.cache)
     m = c.manifest

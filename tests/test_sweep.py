@@ -10,20 +10,16 @@ import ia2cache.sweep as sweep_mod
 from ia2cache.errors import IA2Error
 from ia2cache.report import markdown, report, summarize
 from ia2cache.sweep import SweepConfig, parse_ints, read_results, select_lr, sweep
+from tests.conftest import write_task
 
 WORDS = ["hot", "up", "big", "go", "ocean", "paper"]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory, tiny_tok: Any) -> dict[str, str]:
-    from ia2cache.testing import tiny_llama
-
+def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, str]:
     d = tmp_path_factory.mktemp("sweep")
-    tiny_llama(len(tiny_tok)).save_pretrained(d / "model")
-    tiny_tok.save_pretrained(d / "model")
-    lines = [json.dumps({"input": f"{WORDS[i % 6]} {i}", "target": WORDS[(i * 5) % 6]}) for i in range(40)]
-    (d / "task.jsonl").write_text("\n".join(lines) + "\n")
-    return {"model": str(d / "model"), "task": str(d / "task.jsonl"), "store": str(d / "store")}
+    task = write_task(d / "task.jsonl", ((f"{WORDS[i % 6]} {i}", WORDS[(i * 5) % 6]) for i in range(40)))
+    return {"model": str(tiny_model_dir), "task": str(task), "store": str(d / "store")}
 
 
 def _config(env: dict[str, str], out: Path) -> SweepConfig:
