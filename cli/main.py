@@ -12,7 +12,9 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -54,6 +56,15 @@ def _setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("transformers", "huggingface_hub", "nnsight", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # Deprecation chatter from the libraries we call is not the user's to act on.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
     logging.getLogger("ia2cache").setLevel(logging.INFO)
 
 
