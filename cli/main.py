@@ -37,7 +37,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-out = Console(soft_wrap=True)
+# Piped output is read by people too: do not squeeze tables into 80 columns there.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
 err = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -297,8 +298,8 @@ def ls_cmd(
         table.add_row(
             m.get("key", "?"), m.get("status", "?"), str(m.get("task")),
             str((m.get("model") or {}).get("name")), str(m.get("n")), str(m.get("k")),
-            str(m.get("site")), f"{len(lay)} layers", str(m.get("max_new_tokens")),
-            str(m.get("rows")), str(m.get("created")),
+            str(m.get("site")), str(len(lay)), str(m.get("max_new_tokens")),
+            str(m.get("rows")), str(m.get("created", ""))[:16],
         )
     out.print(table)
 
