@@ -520,7 +520,16 @@ def collect(config: CollectConfig, loaded: Any | None = None,
             ]
             data = _shard_data(plan, config, by_len, results, pool_index)
             back = np.argsort(order)
-            cache.write_shard(shard, {path: arr[back] for path, arr in data.items()})
+            try:
+                cache.write_shard(shard, {path: arr[back] for path, arr in data.items()})
+            except OSError as exc:
+                # Disk full, quota, read-only remount: the shard has no ledger entry, so the
+                # cache stays partial and a rerun recomputes exactly the missing shards.
+                raise IA2Error(
+                    f"--store {store}: writing shard {shard} of {path} failed ({exc.strerror or exc}); "
+                    f"the cache is left partial with {len(cache.done_shards())} of {cache.n_shards} "
+                    "shards done: free space and rerun the same command to resume"
+                ) from exc
             rows_computed += b - a
             done_rows += b - a
             if progress:

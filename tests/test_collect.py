@@ -229,17 +229,34 @@ def _run_child(env: dict[str, Any], store: Path, fault: str | None) -> subproces
                           env=e, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("fault", ["store.mid_shard:7", "store.before_ledger:11"])
-def test_sigkill_then_rerun_is_bit_identical(env: dict[str, Any], tmp_path: Path, fault: str) -> None:
-    clean = _run_child(env, tmp_path / "clean", None)
+@pytest.fixture(scope="module")
+def clean_run(env: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    store = tmp_path_factory.mktemp("clean")
+    clean = _run_child(env, store, None)
     assert clean.returncode == 0, clean.stderr
+    (ref,) = [p.parent for p in store.glob("*/zarr.json")]
+    return ref
+
+
+@pytest.mark.parametrize(
+    ("fault", "partial"),
+    [
+        ("collect.before_first_shard", True),  # before any shard
+        ("store.mid_shard:7", True),  # between two arrays of one shard
+        ("store.before_ledger:11", True),  # shard written, ledger entry not yet
+        ("store.before_finalize", True),  # every shard done, manifest not yet complete
+        ("collect.end", False),  # the very end
+    ],
+)
+def test_sigkill_then_rerun_is_bit_identical(env: dict[str, Any], tmp_path: Path, clean_run: Path,
+                                            fault: str, partial: bool) -> None:
     killed = _run_child(env, tmp_path / "killed", fault)
     assert killed.returncode == -signal.SIGKILL
     (cache,) = [p.parent for p in (tmp_path / "killed").glob("*/zarr.json")]
-    assert Cache.open(cache).status == "partial"
+    assert Cache.open(cache).status == ("partial" if partial else "complete")
     rerun = _run_child(env, tmp_path / "killed", None)
     assert rerun.returncode == 0, rerun.stderr
-    (ref,) = [p.parent for p in (tmp_path / "clean").glob("*/zarr.json")]
+    ref = clean_run
     assert ref.name == cache.name
     a, b = _arrays(str(ref)), _arrays(str(cache))
     assert a.keys() == b.keys()
@@ -264,3 +281,31 @@ def test_readme_store_drawing_matches_a_real_cache(env: dict[str, Any], loaded: 
     real.add("ledger/shard_NNNNNN.json")
     assert drawn == real
     assert all(re.fullmatch(r"shard_\d{6}\.json", p.name) for p in (cache.path / "ledger").iterdir())
+
+
+def test_disk_full_gives_a_clear_error_leaves_partial_and_resumes(env: dict[str, Any], loaded: Any,
+                                                                 tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import ia2cache.store as store_mod
+
+    cfg = _cfg(env, tmp_path, shard_rows=4, chunk_rows=4)
+    real = store_mod._write_json_atomic
+    calls = {"n": 0}
+
+    def full_after_two(path: Path, obj: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, obj)
+
+    monkeypatch.setattr(store_mod, "_write_json_atomic", full_after_two)
+    with pytest.raises(IA2Error, match="No space left on device.*partial with 2 of 5 shards"):
+        collect(cfg, loaded)
+    (cache,) = [p.parent for p in tmp_path.glob("*/zarr.json")]
+    assert Cache.open(cache).status == "partial"
+    monkeypatch.setattr(store_mod, "_write_json_atomic", real)
+    done = collect(cfg, loaded)
+    assert done.status == "complete" and done.shards_computed == 3
+    assert Cache.open(cache).verify() == []
