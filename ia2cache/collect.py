@@ -36,6 +36,7 @@ import torch
 from ia2cache._faults import fault_point
 from ia2cache.errors import IA2Error
 from ia2cache.models import home, load_model, load_tokenizer
+from ia2cache.padding import pad
 from ia2cache.prompts import POSITION_MODES, PromptConfig, PromptPair, build_pairs
 from ia2cache.sites import decoder_layers, get_site, parse_layers
 from ia2cache.store import ArraySpec, Cache, cache_key, encode_activations
@@ -277,16 +278,6 @@ def _array_specs(config: CollectConfig, rows: tuple[PromptPair, ...], t: int, la
 # ----------------------------------------------------------------------------- teacher
 
 
-def _pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
 def _cut_response(ids: list[int], tokenizer: Any, stop: str) -> list[int]:
     """Keep generated tokens up to and including EOS or the token that completes ``stop``."""
     eos = tokenizer.eos_token_id
@@ -299,15 +290,10 @@ def _cut_response(ids: list[int], tokenizer: Any, stop: str) -> list[int]:
 @torch.no_grad()
 def _generate(model: Any, tokenizer: Any, prompts: list[list[int]], t: int, stop: str) -> list[list[int]]:
     """Batched, KV-cached greedy continuation of each prompt (left padded for generate)."""
-    width = max(len(s) for s in prompts)
     pad_id = tokenizer.pad_token_id
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(prompts):
-        ids[i, width - len(s) :] = torch.tensor(s)
-        mask[i, width - len(s) :] = 1
-    dev = next(model.parameters()).device
-    out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=t,
+    ids, mask = pad(prompts, pad_id, left=True, device=next(model.parameters()).device)
+    width = ids.shape[1]
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=t,
                          min_new_tokens=1, do_sample=False, pad_token_id=pad_id)
     new = out[:, width:].tolist()
     return [_cut_response(r, tokenizer, stop) for r in new]
@@ -354,7 +340,7 @@ class Teacher:
         pos = [p.positions(n, positions) for p, n in zip(pairs, n_resp, strict=True)]
         # Input: prompt + response[:-1]; every aligned position lies inside it.
         seqs = [list(p.teacher_ids) + r[:-1] for p, r in zip(pairs, resp, strict=True)]
-        ids, mask = _pad_right(seqs, self.tok.pad_token_id)
+        ids, mask = pad(seqs, self.tok.pad_token_id)
         b = len(pairs)
         tpos = torch.zeros((b, p_slots), dtype=torch.long)
         for i, (tp, _) in enumerate(pos):

@@ -29,6 +29,7 @@ from ia2cache.errors import IA2Error
 from ia2cache.loader import Batch, CacheLoader, LoaderConfig
 from ia2cache.models import LoadedModel, home, load_model
 from ia2cache.objectives import OBJECTIVES, SCHEDULES, act_loss, tna_loss, tok_loss, tokl_loss
+from ia2cache.padding import pad as pad_batch
 from ia2cache.sites import decoder_layers, get_site, parse_layers
 from ia2cache.store import Cache, resolve_cache
 
@@ -167,16 +168,6 @@ class _Capture:
             h.remove()
 
 
-def _pad(seqs: list[list[int]], pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _rows(ids: torch.Tensor, lens: torch.Tensor) -> list[list[int]]:
     return [ids[i, : int(n)].tolist() for i, n in enumerate(lens)]
 
@@ -200,7 +191,7 @@ def _sequence(batch: Batch, source: str, pad: int, device: torch.device) -> _Seq
     else:
         resp = _rows(batch.target_ids, batch.target_len)
     seqs = [p + r[:-1] for p, r in zip(prompts, resp, strict=True)]
-    ids, mask = _pad(seqs, pad, device)
+    ids, mask = pad_batch(seqs, pad, device=device)
     t = max(len(r) for r in resp)
     label_pos = torch.zeros((len(seqs), t), dtype=torch.long)
     labels = torch.zeros((len(seqs), t), dtype=torch.long)

@@ -21,6 +21,7 @@ import torch
 
 from ia2cache.errors import IA2Error
 from ia2cache.metrics import ece_equal_mass, ece_equal_width
+from ia2cache.padding import pad
 from ia2cache.prompts import PromptPair, build_eval_pairs
 from ia2cache.tasks import Task, is_single_token
 
@@ -55,17 +56,6 @@ class EvalConfig:
             raise IA2Error(f"--k {self.k}: ICL needs at least one demo")
 
 
-def _pad(seqs: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        sl = slice(width - len(s), width) if left else slice(0, len(s))
-        ids[i, sl] = torch.tensor(s, dtype=torch.long)
-        mask[i, sl] = 1
-    return ids, mask
-
-
 def _prompt(pair: PromptPair, mode: str) -> list[int]:
     return list(pair.teacher_ids if mode == "icl" else pair.student_ids)
 
@@ -78,7 +68,7 @@ def _score_single(model: Any, pairs: list[PromptPair], mode: str, pad_id: int, b
         batch = pairs[start : start + bs]
         seqs = [_prompt(p, mode) for p in batch]
         # Right padding: causal attention never lets a real token see the pads after it.
-        ids, mask = _pad(seqs, pad_id, left=False)
+        ids, mask = pad(seqs, pad_id)
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
         shift = logits.shape[1] - ids.shape[1]  # prompt tuning prepends virtual tokens
         last = torch.tensor([shift + len(s) - 1 for s in seqs], device=device)
@@ -102,7 +92,7 @@ def _score_generate(model: Any, tok: Any, task: Task, pairs: list[PromptPair], m
     for start in range(0, len(pairs), bs):
         batch = pairs[start : start + bs]
         seqs = [_prompt(p, mode) for p in batch]
-        ids, mask = _pad(seqs, pad_id, left=True)
+        ids, mask = pad(seqs, pad_id, left=True)
         out = model.generate(
             input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new,
             do_sample=False, output_scores=True, return_dict_in_generate=True,
@@ -118,7 +108,7 @@ def _score_generate(model: Any, tok: Any, task: Task, pairs: list[PromptPair], m
             conf.append(float(chosen[i, : max(n_tok, 1)].sum().exp()))
         # NLL of the gold target, teacher-forced.
         full = [s + list(p.target_ids) for s, p in zip(seqs, batch, strict=True)]
-        fids, fmask = _pad(full, pad_id, left=False)
+        fids, fmask = pad(full, pad_id)
         logits = model(input_ids=fids.to(device), attention_mask=fmask.to(device)).logits
         shift = logits.shape[1] - fids.shape[1]
         logp = torch.log_softmax(logits.float(), -1)
