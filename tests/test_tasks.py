@@ -95,3 +95,12 @@ def test_builder_reproduces_the_shipped_data(tmp_path: Path) -> None:
         write_task(name, build(), tmp_path)
         for f in ("card.json", "pool.jsonl", "eval.jsonl"):
             assert (tmp_path / name / f).read_bytes() == (BUILTIN_DIR / name / f).read_bytes(), (name, f)
+
+
+def test_public_surface_resolves() -> None:
+    import ia2cache
+
+    for name in ia2cache.__all__:
+        assert getattr(ia2cache, name) is not None
+    with pytest.raises(AttributeError):
+        ia2cache.no_such_name  # noqa: B018
