@@ -1,13 +1,18 @@
 """ia2cache: ICL Activation Alignment with the teacher traced once into a zarr cache.
 
-The public surface, one verb per stage of the data flow::
+One module per stage of the data flow, each with one verb of the same name::
 
-    from ia2cache import CollectConfig, collect, open_cache, DistillConfig, distill
+    from ia2cache import CollectConfig, DistillConfig, open_cache
+    from ia2cache.collect import collect
+    from ia2cache.distill import distill
+
     result = collect(CollectConfig(task="antonyms", n=16))
     cache = open_cache(result.cache)
     run = distill(DistillConfig(cache=result.cache, method="a2t", lr=1e-3))
 
-Names are imported lazily, so ``import ia2cache`` stays cheap (no torch until needed).
+The verbs (collect, distill, evaluate, sweep, report) are reached through their modules: a
+package attribute of the same name as a submodule would turn into the module as soon as the
+submodule is imported. Names here are imported lazily, so ``import ia2cache`` stays cheap.
 """
 
 from __future__ import annotations
@@ -22,18 +27,13 @@ _EXPORTS = {
     "build_pairs": "ia2cache.prompts",
     "load_model": "ia2cache.models",
     "CollectConfig": "ia2cache.collect",
-    "collect": "ia2cache.collect",
     "Cache": "ia2cache.store",
     "CacheLoader": "ia2cache.loader",
     "LoaderConfig": "ia2cache.loader",
     "DistillConfig": "ia2cache.distill",
-    "distill": "ia2cache.distill",
     "EvalConfig": "ia2cache.evaluate",
-    "evaluate": "ia2cache.evaluate",
     "load_adapter": "ia2cache.evaluate",
     "SweepConfig": "ia2cache.sweep",
-    "sweep": "ia2cache.sweep",
-    "report": "ia2cache.report",
     "IA2Error": "ia2cache.errors",
 }
 
