@@ -37,7 +37,7 @@ demo: install
 	@mkdir -p $(DEMO_OUT)
 	@echo "== 1. collect: trace the ICL teacher once on $(DEMO_TASK) (N=$(DEMO_N), k=auto)        ~15 s"
 	$(IA2) collect --task $(DEMO_TASK) --n $(DEMO_N) --seed 0
-	@echo "== 2. from that cache: distill SFT (tok) and IA2->SFT (a2t), evaluate them with base and ICL  ~4 min"
+	@echo "== 2. from that cache: distill SFT (tok) and IA2->SFT (a2t), evaluate them with base and ICL  ~90 s"
 	$(IA2) sweep --task $(DEMO_TASK) --n $(DEMO_N) --seeds 0 --methods tok,a2t --n-eval $(DEMO_EVAL) --out $(DEMO_OUT)
 	@echo "== 3. the comparison table (also $(DEMO_OUT)/report.md and PNG plots)"
 	$(IA2) report $(DEMO_OUT)
