@@ -35,8 +35,9 @@ from typing import Any
 import torch
 
 from benchmarks._common import write_result
-from ia2cache.collect import CollectConfig, _generate, _pad_right, collect
+from ia2cache.collect import CollectConfig, _generate, collect
 from ia2cache.models import LoadedModel, load_model
+from ia2cache.padding import pad
 from ia2cache.prompts import PromptConfig, build_pairs
 from ia2cache.store import Cache
 from ia2cache.tasks import load_task
@@ -69,7 +70,7 @@ def bare(lm: LoadedModel, task_name: str, n: int, k: int, t: int, batch_size: in
             else:
                 resp = _generate(model, tok, prompts, t, task.stop)
             seqs = [p + r[:-1] for p, r in zip(prompts, resp, strict=True)]
-            ids, mask = _pad_right(seqs, tok.pad_token_id)
+            ids, mask = pad(seqs, tok.pad_token_id)
             ids, mask = ids.to(dev), mask.to(dev)
             last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
             rows_ix = torch.arange(len(pairs), device=dev)
