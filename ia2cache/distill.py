@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -24,6 +22,7 @@ from typing import Any
 import torch
 
 from ia2cache._faults import fault_point
+from ia2cache._io import write_json_atomic
 from ia2cache.adapters import ADAPTERS, AdapterSpec, attach, position_offset
 from ia2cache.errors import IA2Error
 from ia2cache.loader import Batch, CacheLoader, LoaderConfig
@@ -335,7 +334,7 @@ def _save_checkpoint(run: _Run, state: dict[str, Any], opt: torch.optim.Optimize
     meta = {**state, "tag": tag, "param_groups": osd["param_groups"], "has_best": best is not None,
             "config_fingerprint": run.config.fingerprint(), "cache_key": run.cache.key,
             "has_optim": bool(flat), "history": run.history, "initial": run.initial}
-    _write_json_atomic(d / "state.json", meta)
+    write_json_atomic(d / "state.json", meta, indent=1)
     for p in d.iterdir():  # drop older checkpoints only after the new state.json is in place
         if p.suffix == ".safetensors" and not p.stem.endswith(tag):
             p.unlink()
@@ -367,15 +366,6 @@ def _load_checkpoint(run: _Run) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     run.history = meta["history"]
     run.initial = meta.get("initial", {})
     return meta, best, optim
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, sort_keys=True, indent=1, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -582,5 +572,5 @@ def _save_outputs(run: _Run, best_epochs: list[int], epochs_run: list[int],
         "data_wait_seconds": round(run.train.wait_seconds, 4),
         "train_loop_seconds": round(run.loop_seconds, 4),
     }
-    _write_json_atomic(run.out / "run.json", record)
+    write_json_atomic(run.out / "run.json", record, indent=1)
     shutil.rmtree(_ckpt_dir(run.out), ignore_errors=True)

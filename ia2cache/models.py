@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ia2cache._io import write_json_atomic
 from ia2cache.errors import IA2Error
 
 log = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ def fingerprint_dir(folder: Path) -> str:
                 h.update(block)
     fp = h.hexdigest()[:16]
     known[str(folder.resolve())] = {"stamp": stamp, "fingerprint": fp}
-    _write_json_atomic(cache_file, known)
+    write_json_atomic(cache_file, known, indent=1)
     return fp
 
 
@@ -199,14 +200,6 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         h.update(json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
     h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, sort_keys=True, indent=1)
-    os.replace(tmp, path)
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:

@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -39,6 +38,7 @@ from zarr.codecs import BloscCodec, BloscShuffle
 from zarr.storage import LocalStore
 
 from ia2cache._faults import fault_point
+from ia2cache._io import write_json_atomic as _write_json_atomic
 from ia2cache.errors import IA2Error
 
 if TYPE_CHECKING:
@@ -320,27 +320,6 @@ def _diff(stored: Any, given: Any, prefix: str = "") -> list[str]:
                 out.extend(_diff(stored[k], given[k], f"{name}."))
         return out
     return [] if stored == given else [prefix.rstrip(".")]
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temp file in the same directory, fsync it, then rename over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    # Make the rename itself durable.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _now() -> str:
