@@ -97,6 +97,9 @@ class LoaderConfig:
     """Drop the last batch of an epoch when it is short."""
     topk: bool = True
     """Load the teacher's cached top-k log-probs when the cache holds them."""
+    keep_in_memory_mb: int = 256
+    """Keep decoded chunks across epochs when the split's activations fit in this many MB (a
+    few-shot cache does), so later epochs read nothing from disk; 0 always streams."""
     read_rows: int | None = None
     """Rows read per zarr call and permuted as one unit; None: the cache's chunk. A multiple of
     the chunk, e.g. the shard, amortises zarr's per-call cost (1-2 ms) on big caches at the price
@@ -394,6 +397,14 @@ class CacheLoader:
         self.chunks_read = 0
         self.max_rows_held = 0
         self.max_chunks_held = 0
+        itemsize = torch.empty((), dtype=TORCH_DTYPES[config.dtype]).element_size()
+        split_mb = len(self._rows) * sum(
+            int(np.prod(self.cache.specs[p].shape)) * itemsize for p in self._act_paths.values()
+        ) / 1e6
+        # Decoded chunks by row range, reused by every later epoch; None: stream every epoch.
+        self._memo: dict[tuple[int, int], dict[str, torch.Tensor]] | None = (
+            {} if split_mb <= config.keep_in_memory_mb else None
+        )
 
     # ------------------------------------------------------------------ checks
 
@@ -528,7 +539,10 @@ class CacheLoader:
         return out
 
     def _read_chunk(self, a: int, b: int) -> dict[str, torch.Tensor]:
-        """Rows [a, b) of the asked layers (decoded to the training dtype) and top-k; in the thread."""
+        """Rows [a, b) of the asked layers (decoded to the training dtype) and top-k; in the thread.
+        Batches are gathered copies, so a kept chunk is never modified by its consumers."""
+        if self._memo is not None and (a, b) in self._memo:
+            return self._memo[(a, b)]
         dtype = TORCH_DTYPES[self.config.dtype]
         out: dict[str, torch.Tensor] = {}
         for i, p in self._act_paths.items():
@@ -542,6 +556,8 @@ class CacheLoader:
             ids = torch.from_numpy(self.cache.read("logits/topk_ids", a, b).astype(np.int64))
             out["topk_ids"] = ids.masked_fill(ids < 0, 0)
         self.chunks_read += 1
+        if self._memo is not None:
+            self._memo[(a, b)] = out
         return out
 
     def _get(self, q: queue.Queue, thread: threading.Thread) -> tuple[int, int, dict[str, torch.Tensor]]:

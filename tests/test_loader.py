@@ -367,7 +367,7 @@ def test_memory_stays_bounded(cache_path: str) -> None:
     bound_rows = 2 * (bs + buf + rpc)  # see the module docstring
     for seed in range(4):
         loader = _loader(cache_path, batch_size=bs, shuffle_buffer=buf, prefetch=prefetch, seed=seed,
-                         layers=(0,))
+                         layers=(0,), keep_in_memory_mb=0)  # the streaming path
         for _ in range(2):
             assert len(list(loader)) == 30
         assert loader.chunks_read == 16  # 8 chunks per epoch, each read once
@@ -475,3 +475,15 @@ def test_read_rows_reads_bigger_units_and_keeps_every_row_once(tmp_path: Path) -
     assert small.chunks_read == 24 and big.chunks_read == 12
     with pytest.raises(IA2Error, match="read_rows 6"):
         CacheLoader(path, LoaderConfig(read_rows=6))
+
+
+def test_small_split_is_kept_in_memory_after_the_first_epoch(cache_path: str) -> None:
+    kept = _loader(cache_path, batch_size=4, seed=5)
+    streamed = _loader(cache_path, batch_size=4, seed=5, keep_in_memory_mb=0)
+    for epoch in range(3):
+        a, b = list(kept), list(streamed)
+        assert [x.rows.tolist() for x in a] == [y.rows.tolist() for y in b]
+        for x, y in zip(a, b, strict=True):
+            for layer in x.acts:
+                assert torch.equal(x.acts[layer], y.acts[layer])
+        assert kept.chunks_read == 8 and streamed.chunks_read == 8 * (epoch + 1)
