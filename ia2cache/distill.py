@@ -371,11 +371,18 @@ def _load_checkpoint(run: _Run) -> tuple[dict[str, Any], dict[str, torch.Tensor]
 # ----------------------------------------------------------------------------- setup
 
 
-def _setup(config: DistillConfig, loaded: LoadedModel | None) -> _Run:
+def _locate(config: DistillConfig) -> tuple[Cache, Path]:
+    """The cache to train from and the output directory (cheap: no model is loaded)."""
     from ia2cache.collect import default_store
 
     store = Path(config.store).expanduser() if config.store else default_store()
     cache = Cache.open(resolve_cache(store, config.cache))
+    out = Path(config.out).expanduser() if config.out else home() / "runs" / cache.key / config.run_name()
+    return cache, out
+
+
+def _setup(config: DistillConfig, loaded: LoadedModel | None) -> _Run:
+    cache, out = _locate(config)
     manifest = cache.manifest
     if cache.status != "complete":
         raise IA2Error(f"--cache {cache.path}: is {cache.status}, not complete; run `ia2cache collect` again")
@@ -410,7 +417,6 @@ def _setup(config: DistillConfig, loaded: LoadedModel | None) -> _Run:
     if config.normalize:
         site = manifest["site"]
         variances = {i: float(cache.stats(f"acts/{site}/layer_{i:03d}")["var"]) for i in layers}
-    out = Path(config.out).expanduser() if config.out else home() / "runs" / cache.key / config.run_name()
     out.mkdir(parents=True, exist_ok=True)
     return _Run(config=config, cache=cache, model=model, tokenizer=loaded.tokenizer, layers=layers,
                 capture=_Capture(model, manifest["site"], layers), train=train, dev=dev,
@@ -491,16 +497,16 @@ def distill(config: DistillConfig, loaded: LoadedModel | None = None,
         epochs run per phase, final losses and wall time.
     """
     t0 = time.perf_counter()
-    run = _setup(config, loaded)
-    done = run.out / "run.json"
-    if done.is_file():
+    cache, out = _locate(config)
+    done = out / "run.json"
+    if done.is_file():  # checked before any model is loaded: a finished run costs nothing
         prev = json.loads(done.read_text())
-        if prev.get("config_fingerprint") == config.fingerprint() and prev.get("cache_key") == run.cache.key:
-            log.info("%s already holds this finished run: reused", run.out)
-            run.capture.close()
-            return DistillResult(str(run.out), config.method, prev["best_epoch"], prev["epochs_run"],
+        if prev.get("config_fingerprint") == config.fingerprint() and prev.get("cache_key") == cache.key:
+            log.info("%s already holds this finished run: reused", out)
+            return DistillResult(str(out), config.method, prev["best_epoch"], prev["epochs_run"],
                                  prev["final"], prev["seconds"], reused=True,
                                  initial_dev_loss=prev.get("initial_dev_loss", []), history=prev["history"])
+    run = _setup(config, loaded)
     resumed = _load_checkpoint(run)
     start_phase, start, best, optim = 0, None, None, None
     if resumed is not None:

@@ -150,9 +150,15 @@ def test_other_adapters_train(env: dict[str, Any], tmp_path: Path, adapter: str)
     assert (tmp_path / adapter / "adapter_config.json").is_file()
 
 
-def test_rerun_of_a_finished_run_is_reused(env: dict[str, Any], tmp_path: Path) -> None:
+def test_rerun_of_a_finished_run_is_reused(env: dict[str, Any], tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = DistillConfig(cache=env["cache"], model=env["model"], method="act", epochs=2, out=str(tmp_path))
     first = distill(cfg)
+
+    def no_model(*a: Any, **k: Any) -> Any:
+        raise AssertionError("a reused run must not load the model")
+
+    monkeypatch.setattr(distill_mod, "load_model", no_model)
     again = distill(cfg)
     assert again.reused and not first.reused and again.best_epoch == first.best_epoch
 
