@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -249,10 +250,10 @@ def collect(
     )
     with _progress_bar("collect") as bar:
         job = bar.add_task("collect", total=None, tps="-")
-        t0 = __import__("time").perf_counter()
+        t0 = time.perf_counter()
 
         def progress(done: int, total: int, tokens: int) -> None:
-            dt = __import__("time").perf_counter() - t0
+            dt = time.perf_counter() - t0
             bar.update(job, completed=done, total=total, tps=f"{tokens / dt:,.0f}" if dt else "-")
 
         result = run_collect(config, progress=progress)

@@ -37,7 +37,7 @@ from ia2cache._faults import fault_point
 from ia2cache.errors import IA2Error
 from ia2cache.models import home, load_model, load_tokenizer
 from ia2cache.padding import pad
-from ia2cache.prompts import POSITION_MODES, PromptConfig, PromptPair, build_pairs
+from ia2cache.prompts import POSITION_MODES, PromptConfig, PromptPair, build_pairs, response_length
 from ia2cache.sites import decoder_layers, get_site, parse_layers
 from ia2cache.store import ArraySpec, Cache, cache_key, encode_activations
 from ia2cache.tasks import DEFAULT_TASK, Task, is_single_token, load_task
@@ -278,15 +278,6 @@ def _array_specs(config: CollectConfig, rows: tuple[PromptPair, ...], t: int, la
 # ----------------------------------------------------------------------------- teacher
 
 
-def _cut_response(ids: list[int], tokenizer: Any, stop: str) -> list[int]:
-    """Keep generated tokens up to and including EOS or the token that completes ``stop``."""
-    eos = tokenizer.eos_token_id
-    for n in range(1, len(ids) + 1):
-        if ids[n - 1] == eos or (stop and stop in tokenizer.decode(ids[:n])):
-            return ids[:n]
-    return ids
-
-
 @torch.no_grad()
 def _generate(model: Any, tokenizer: Any, prompts: list[list[int]], t: int, stop: str) -> list[list[int]]:
     """Batched, KV-cached greedy continuation of each prompt (left padded for generate)."""
@@ -296,7 +287,7 @@ def _generate(model: Any, tokenizer: Any, prompts: list[list[int]], t: int, stop
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=t,
                          min_new_tokens=1, do_sample=False, pad_token_id=pad_id)
     new = out[:, width:].tolist()
-    return [_cut_response(r, tokenizer, stop) for r in new]
+    return [r[: response_length(tokenizer, r, stop)] for r in new]
 
 
 class Teacher:

@@ -236,11 +236,10 @@ def _losses(run: _Run, batch: Batch, objective: str) -> torch.Tensor:
     cfg, dev = run.config, run.device
     act_src = _act_source(run.cache)
     tok_src = "icl" if cfg.labels == "icl" else "target"
-    act_seq = _sequence(batch, act_src, run.tokenizer.pad_token_id, dev)
-    b = act_seq.ids.shape[0]
-    bi = torch.arange(b, device=dev)[:, None]
+    bi = torch.arange(len(batch.rows), device=dev)[:, None]
     losses: dict[str, torch.Tensor] = {}
     if obj.needs_acts or obj.needs_topk:
+        act_seq = _sequence(batch, act_src, run.tokenizer.pad_token_id, dev)
         # With T=1 (or ICL labels) the tok sequence is this very sequence: one forward serves both.
         share = obj.needs_logits and not obj.needs_topk and (
             tok_src == act_src or int(batch.response_len.max()) == 1 == int(batch.target_len.max()))

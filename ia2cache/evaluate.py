@@ -22,7 +22,7 @@ import torch
 from ia2cache.errors import IA2Error
 from ia2cache.metrics import ece_equal_mass, ece_equal_width
 from ia2cache.padding import pad
-from ia2cache.prompts import PromptPair, build_eval_pairs
+from ia2cache.prompts import PromptPair, build_eval_pairs, response_length
 from ia2cache.tasks import Task, is_single_token
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,13 @@ def _score_generate(model: Any, tok: Any, task: Task, pairs: list[PromptPair], m
         step_lp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], dim=1)
         chosen = step_lp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
         for i, p in enumerate(batch):
-            text, n_tok = _cut_at_stop(tok, new[i].tolist(), task.stop)
+            ids = new[i].tolist()
+            n_tok = response_length(tok, ids, task.stop)
+            if n_tok and ids[n_tok - 1] == tok.eos_token_id:
+                n_tok -= 1  # EOS ends the answer but is not part of it
+            text = tok.decode(ids[:n_tok], skip_special_tokens=True)
+            if task.stop:
+                text = text.split(task.stop)[0]
             answers.append(text.strip())
             correct.append(text.strip() == p.target)
             conf.append(float(chosen[i, : max(n_tok, 1)].sum().exp()))
@@ -118,19 +124,6 @@ def _score_generate(model: Any, tok: Any, task: Task, pairs: list[PromptPair], m
             nll.append(float(-logp[i, pos, tgt].sum()))
     return {"confidence": np.array(conf), "correct": np.array(correct, dtype=bool),
             "nll": np.array(nll), "answers": np.array(answers, dtype=object)}
-
-
-def _cut_at_stop(tok: Any, ids: list[int], stop: str) -> tuple[str, int]:
-    """Decode generated ids up to EOS or the stop string; return text and tokens used."""
-    eos = tok.eos_token_id
-    text = ""
-    for n in range(1, len(ids) + 1):
-        if ids[n - 1] == eos:
-            return text, n - 1
-        text = tok.decode(ids[:n], skip_special_tokens=True)
-        if stop and stop in text:
-            return text.split(stop)[0], n
-    return text, len(ids)
 
 
 def _score(model: Any, tok: Any, task: Task, pairs: list[PromptPair], mode: str, bs: int,

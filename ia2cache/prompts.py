@@ -153,6 +153,16 @@ class _Encoder:
         return ids
 
 
+def response_length(tokenizer: Any, ids: list[int], stop: str) -> int:
+    """How many generated tokens make the response: up to and including EOS or the token that
+    completes ``stop``; all of them if neither occurs."""
+    eos = tokenizer.eos_token_id
+    for n in range(1, len(ids) + 1):
+        if ids[n - 1] == eos or (stop and stop in tokenizer.decode(ids[:n], skip_special_tokens=True)):
+            return n
+    return len(ids)
+
+
 def _rng(seed: int, stream: int, row: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, stream, row])))
 

@@ -124,3 +124,14 @@ def test_eval_pairs_have_k_pool_demos(tmp_path: Path, tiny_tok: Any) -> None:
         assert p.example_id == ex.id and set(p.demo_ids) <= pool_ids and len(p.demo_ids) == 4
     zero = build_eval_pairs(task, tiny_tok, k=0, n_eval=3)
     assert all(p.teacher_ids == p.student_ids for p in zero)
+
+
+def test_response_length_stops_at_eos_or_the_stop_string(tiny_tok: Any) -> None:
+    from ia2cache.prompts import response_length
+
+    ids = tiny_tok("hot cold\nup down", add_special_tokens=False).input_ids
+    n = response_length(tiny_tok, ids, "\n")
+    assert "\n" in tiny_tok.decode(ids[:n]) and "\n" not in tiny_tok.decode(ids[: n - 1])
+    eos = tiny_tok.eos_token_id
+    assert response_length(tiny_tok, [ids[0], eos, ids[1]], "\n") == 2
+    assert response_length(tiny_tok, ids[:2], "\n") == 2  # neither: everything
