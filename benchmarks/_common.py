@@ -1,4 +1,4 @@
-"""Shared helpers for the benchmarks: machine description and result writing."""
+"""Shared helpers for the benchmarks: machine description, result writing, bare greedy generation."""
 
 from __future__ import annotations
 
@@ -40,3 +40,19 @@ def write_result(name: str, obj: dict[str, Any]) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
     print(json.dumps(obj, sort_keys=True))
+
+
+@torch.no_grad()
+def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], t: int,
+                    stop: str) -> list[list[int]]:
+    """transformers' batched, KV-cached greedy ``generate`` (left padded), cut after EOS or the
+    stop string: the bare model work of an ICL response, with no capture."""
+    from ia2cache.padding import pad
+    from ia2cache.prompts import response_length
+
+    pad_id = tokenizer.pad_token_id
+    ids, mask = pad(prompts, pad_id, left=True, device=next(model.parameters()).device)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=t, min_new_tokens=1,
+                         do_sample=False, pad_token_id=pad_id)
+    new = out[:, ids.shape[1]:].tolist()
+    return [r[: response_length(tokenizer, r, stop)] for r in new]

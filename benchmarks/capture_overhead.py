@@ -4,15 +4,16 @@ Both sides do the same model work on the same rows (default model, task antonyms
 k=8, T in {1, 8}), micro-batch by micro-batch (``--batch-size`` rows, inside shards of 32 rows
 as collect forms them):
 
-- **bare**: for T>1 the batched KV-cached greedy generate (``ia2cache.collect._generate``)
-  plus one teacher-forced forward over ``prompt + response[:-1]`` (right padded,
-  ``torch.no_grad()``); for T=1 a single forward whose argmax at the last prompt token is the
-  response. No nnsight, no capture, no writes. With ``--bare-head aligned`` (the default) the
-  forward is the decoder plus its final norm and the LM head is applied at the aligned
-  positions only, which is exactly the model work collect does (its trace stops after the
-  final norm). ``--bare-head full`` is a plain ``model(...)`` with the LM head over every
-  position: that is more work than collect does (~20% of this model's FLOPs per token), so it
-  flatters collect.
+- **bare**: for T>1 transformers' batched KV-cached greedy ``generate``
+  (``benchmarks._common.greedy_generate``), which is all the model work an ICL response
+  needs: collect captures inside its own decode loop and runs no second pass. For T=1 a
+  single forward whose argmax at the last prompt token is the response: with
+  ``--bare-head aligned`` (the default) the decoder plus its final norm, with the LM head at
+  the last prompt token only, which is exactly collect's model work (its trace stops after the
+  final norm); ``--bare-head full`` is a plain ``model(...)`` with the LM head over every
+  position, more work than collect does (~20% of this model's FLOPs per token). Rows are
+  sorted by length inside each shard, as collect batches them. No nnsight, no capture, no
+  writes.
 - **ours**: ``collect`` into a fresh temp store, all 30 layers, bf16, with the model already
   loaded: prompt building, nnsight tracing, encoding, checksums, stats and zarr writes.
 
@@ -34,8 +35,8 @@ from typing import Any
 
 import torch
 
-from benchmarks._common import write_result
-from ia2cache.collect import CollectConfig, _generate, collect
+from benchmarks._common import greedy_generate, write_result
+from ia2cache.collect import CollectConfig, collect
 from ia2cache.models import LoadedModel, load_model
 from ia2cache.padding import pad
 from ia2cache.prompts import PromptConfig, build_pairs
@@ -61,31 +62,27 @@ def bare(lm: LoadedModel, task_name: str, n: int, k: int, t: int, batch_size: in
     dev = next(model.parameters()).device
     responses: list[list[int]] = []
     for s in range(0, len(rows), SHARD_ROWS):
-        shard = rows[s : s + SHARD_ROWS]
+        order = sorted(range(s, min(s + SHARD_ROWS, len(rows))), key=lambda r: len(rows[r].teacher_ids))
+        shard = [rows[r] for r in order]
+        got: list[list[int]] = []
         for i in range(0, len(shard), batch_size):
             pairs = shard[i : i + batch_size]
             prompts = [list(p.teacher_ids) for p in pairs]
-            if t == 1:
-                resp: list[list[int]] = [[] for _ in pairs]
-            else:
-                resp = _generate(model, tok, prompts, t, task.stop)
-            seqs = [p + r[:-1] for p, r in zip(prompts, resp, strict=True)]
-            ids, mask = pad(seqs, tok.pad_token_id)
+            if t > 1:
+                got.extend(greedy_generate(model, tok, prompts, t, task.stop))
+                continue
+            ids, mask = pad(prompts, tok.pad_token_id)
             ids, mask = ids.to(dev), mask.to(dev)
             last = torch.tensor([len(p) - 1 for p in prompts], device=dev)
             rows_ix = torch.arange(len(pairs), device=dev)
             if head == "full":
-                logits = model(input_ids=ids, attention_mask=mask).logits
-                last_logits = logits[rows_ix, last]
+                last_logits = model(input_ids=ids, attention_mask=mask).logits[rows_ix, last]
             else:
-                # Decoder + final norm; the LM head only where collect applies it: at the last
-                # prompt token when T=1 (the response), nowhere when T>1 (no top-k logits).
                 hidden = model.base_model(input_ids=ids, attention_mask=mask).last_hidden_state
-                if t == 1:
-                    last_logits = model.get_output_embeddings()(hidden[rows_ix, last]).float()
-            if t == 1:
-                resp = [[int(x)] for x in last_logits.argmax(-1).tolist()]
-            responses.extend(resp)
+                last_logits = model.get_output_embeddings()(hidden[rows_ix, last]).float()
+            got.extend([int(x)] for x in last_logits.argmax(-1).tolist())
+        back = sorted(range(len(order)), key=lambda j: order[j])  # back to row order
+        responses.extend(got[j] for j in back)
     _sync(dev)
     return responses
 

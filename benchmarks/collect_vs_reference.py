@@ -3,8 +3,9 @@
 The reference loop does what the paper's public code does: batch size 1, and for each example
 T full forward passes (prompt + the response so far, no KV cache) with forward hooks that keep
 the site output at the predicting position in RAM; the greedy token of each pass extends the
-response. ia2cache does one batched KV-cached generate and one nnsight-traced forward per
-micro-batch, and writes a zarr cache. Both run on the default model, in one process, here.
+response. ia2cache runs one batched KV-cached greedy decode per micro-batch (nnsight-traced
+prefill, then one-token steps; T=1 is the prefill alone), captures at the aligned positions
+inside it, and writes a zarr cache. Both run on the default model, in one process, here.
 
 Launch: ``python -m benchmarks.collect_vs_reference [--rows 64] [--k 8] [--t 1,8]``.
 """

@@ -17,11 +17,13 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from ia2cache._docs import field_docs
@@ -50,10 +52,14 @@ JSON_OPT = typer.Option(False, "--json", help="Print one JSON object on stdout (
 
 
 def _setup_logging(verbose: bool = False) -> None:
+    # On a terminal, rich; into a file or pipe (CI, batch logs), plain unwrapped lines, so paths
+    # and keys in messages survive grep and copy-paste.
+    tty = err.is_terminal
+    handler = RichHandler(console=err, show_path=False) if tty else logging.StreamHandler(sys.stderr)
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
-        format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False)],
+        format="%(message)s" if tty else "%(levelname)s %(message)s",
+        handlers=[handler],
         force=True,
     )
     for noisy in ("transformers", "huggingface_hub", "nnsight", "accelerate"):
@@ -78,8 +84,17 @@ def guarded(fn: F) -> F:
         _setup_logging()
         try:
             return fn(*args, **kwargs)
+        except OSError as exc:
+            if not exc.filename:
+                raise
+            # A path the user gave that cannot be read or written: name it, no traceback.
+            where = exc.filename if not exc.filename2 else f"{exc.filename} -> {exc.filename2}"
+            err.print(f"[bold red]error:[/] {escape(str(where))}: {escape(exc.strerror or str(exc))}",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
         except IA2Error as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            # One unwrapped line: paths and keys in it must survive copy-paste and grep.
+            err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=exc.exit_code) from None
 
     return wrapper  # type: ignore[return-value]
@@ -95,18 +110,22 @@ def emit_json(obj: Any) -> None:
 def tasks(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
 ) -> None:
-    """List the built-in tasks with their sizes and templates.
+    """List the built-in tasks with their sizes and templates, and the paper's 12 benchmarks
+    (hf:NAME, read through `datasets` from the hub, the HF cache or $IA2CACHE_HF_DATA/NAME/).
 
     [bold]Examples[/]
 
       ia2cache tasks
       ia2cache tasks --json | jq '.tasks[].name'
+      ia2cache tasks --json | jq '.hf_tasks[] | {name, dataset, ood_eval}'
     """
     from ia2cache.tasks import list_builtin, load_task
+    from ia2cache.tasks.hf import registry_rows
 
     rows = [load_task(name).summary() for name in list_builtin()]
+    hf_rows = registry_rows()
     if json_out:
-        emit_json({"tasks": rows})
+        emit_json({"tasks": rows, "hf_tasks": hf_rows})
         return
     table = Table(title="built-in tasks")
     for col in ("name", "train", "eval", "single_token", "template", "labels"):
@@ -117,13 +136,26 @@ def tasks(
             repr(r["template"]), ", ".join(r["labels"] or []) or "-",
         )
     out.print(table)
+    hf = Table(title="the paper's benchmarks (--task hf:NAME or hf:NAME@DIR)")
+    for col in ("name", "paper", "dataset", "labels / parser", "OOD eval"):
+        hf.add_column(col)
+    for r in hf_rows:
+        hf.add_row(r["name"], r["paper_name"], r["dataset"] + (f" ({r['config']})" if r["config"] else ""),
+                   ", ".join(r["labels"] or []) or f"parser {r['parser']}, T={r['max_new_tokens']}",
+                   ", ".join(r["ood_eval"]) or "-")
+    out.print(hf)
 
 
 @app.command("eval")
 @guarded
 def eval_cmd(
-    task: str = typer.Option("sentiment_remap", "--task", help="Built-in task name or a .jsonl file."),
-    model: str = typer.Option("default", "--model", help="'default', a model directory or a hub id."),
+    task: str = typer.Option("sentiment_remap", "--task", help="Built-in task, hf:NAME or a .jsonl file."),
+    eval_task: str | None = typer.Option(
+        None, "--eval-task", help="Out-of-distribution: score this task's eval split; ICL demos "
+        "(and the teacher for --agreement) still come from --task's pool."),
+    model: str | None = typer.Option(
+        None, "--model", help="'default' (when not given), a model directory or a hub id; with --adapter, "
+        "default and required: the adapter's own base model."),
     icl: bool = typer.Option(False, "--icl", help="Evaluate the base model with k demos (ICL)."),
     base: bool = typer.Option(False, "--base", help="Evaluate the base model without demos."),
     adapter: str | None = typer.Option(None, "--adapter", help="Evaluate a distilled adapter directory."),
@@ -132,6 +164,7 @@ def eval_cmd(
     n_eval: int = typer.Option(200, "--n-eval", help=_EVAL["n_eval"]),
     seed: int = typer.Option(0, "--seed", help=_EVAL["seed"]),
     batch_size: int = typer.Option(8, "--batch-size", help=_EVAL["batch_size"]),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help=_EVAL["max_new_tokens"]),
     template: str | None = typer.Option(None, "--template", help="Prompt template with {input}."),
     separator: str | None = typer.Option(None, "--separator", help="Demo separator."),
     eval_fraction: float = typer.Option(0.5, "--eval-fraction", help="JSONL: share held out for eval."),
@@ -144,8 +177,10 @@ def eval_cmd(
       ia2cache eval --task capitals --base
       ia2cache eval --task sentiment_remap --icl --k 8 --n-eval 100 --json
       ia2cache eval --task sentiment_remap --adapter ~/.cache/ia2cache/runs/KEY/a2t-lora-lr0.001-s0
+      ia2cache eval --task arith_word --icl --k 4 --n-eval 100
+      ia2cache eval --task hf:sst2 --eval-task hf:fins --adapter runs/sst2-a2t --json
     """
-    from ia2cache.evaluate import evaluate, load_adapter
+    from ia2cache.evaluate import evaluate, load_adapter, ood_task
     from ia2cache.models import load_model
     from ia2cache.tasks import load_task
 
@@ -153,13 +188,16 @@ def eval_cmd(
         raise IA2Error("choose exactly one of --icl, --base and --adapter DIR")
     mode = "icl" if icl else "base" if base else "adapter"
     config = EvalConfig(mode=mode, k=k, n_eval=n_eval, seed=seed, batch_size=batch_size,
-                        agreement=agreement)
+                        agreement=agreement, max_new_tokens=max_new_tokens)
     t = load_task(task, template=template, separator=separator, eval_fraction=eval_fraction)
+    if eval_task is not None:
+        t = ood_task(t, load_task(eval_task, template=template, separator=separator,
+                                  eval_fraction=eval_fraction))
     if adapter is not None:
-        net, tok, record = load_adapter(adapter)
+        net, tok, record = load_adapter(adapter, model=model)
         info = {"name": record.get("model_spec", "default"), "adapter": str(adapter)}
     else:
-        loaded = load_model(model)
+        loaded = load_model(model or "default")
         net, tok, info = loaded.model, loaded.tokenizer, loaded.info.to_dict()
     result = evaluate(net, tok, t, config)
     result["model"] = info
@@ -167,7 +205,8 @@ def eval_cmd(
     if json_out:
         emit_json(result)
         return
-    table = Table(title=f"{t.name} · {result['mode']} · {info['name']}")
+    shown = t.name if result["train_task"] == t.name else f"{result['train_task']} -> {t.name} (OOD)"
+    table = Table(title=f"{shown} · {result['mode']} · {info['name']}")
     for col in ("n_eval", "k", "accuracy", "ECE (equal-mass)", "ECE (equal-width)", "NLL", "agree w/ ICL"):
         table.add_column(col, justify="right")
     agree = result["agreement_with_icl"]
@@ -193,8 +232,15 @@ def _progress_bar(label: str) -> Any:
     return Progress(
         TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("rows"),
         TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(), TextColumn("ETA"),
-        TimeRemainingColumn(), console=err, transient=False,
+        TimeRemainingColumn(), console=err, transient=False, disable=not _main_rank(),
     )
+
+
+def _main_rank() -> bool:
+    """False on torchrun ranks other than 0: they print nothing (rank 0 reports for the job)."""
+    from ia2cache import distributed
+
+    return distributed.is_main()
 
 
 def _parse_k(k: str) -> int | None:
@@ -226,6 +272,8 @@ def collect(
     template: str | None = typer.Option(None, "--template", help=_COL["template"]),
     separator: str | None = typer.Option(None, "--separator", help=_COL["separator"]),
     eval_fraction: float = typer.Option(0.5, "--eval-fraction", help=_COL["eval_fraction"]),
+    split: str = typer.Option("train", "--split", help=_COL["split"]),
+    n_eval: int | None = typer.Option(None, "--n-eval", help=_COL["n_eval"]),
     store: str | None = typer.Option(None, "--store", help=_COL["store"]),
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -238,6 +286,9 @@ def collect(
       ia2cache collect --task sentiment_remap --n 16
       ia2cache collect --task capitals --n 64 --k 8 --max-new-tokens 8 --site resid --layers 0-5,7
       ia2cache collect --task my.jsonl --template "Q: {input}\\nA:" --store ./store --json
+      ia2cache collect --task antonyms --n 8 --split eval --n-eval 100   # for `analyze similarity`
+      ia2cache collect --task capitals --n 64 --store s3://bucket/ia2
+      torchrun --nproc-per-node=2 -m ia2cache.cli -- collect --task capitals --n 64 --store ./store
     """
     from ia2cache.collect import collect as run_collect
 
@@ -246,7 +297,7 @@ def collect(
         eval_fraction=eval_fraction, n=n, k=_parse_k(k), seed=seed, response=response,
         max_new_tokens=max_new_tokens, site=site, layers=layers, positions=positions,
         dtype=dtype, topk_logits=topk_logits, batch_size=batch_size,
-        shard_rows=shard_rows, store=store,
+        shard_rows=shard_rows, store=store, split=split, n_eval=n_eval,
     )
     with _progress_bar("collect") as bar:
         job = bar.add_task("collect", total=None, tps="-")
@@ -257,6 +308,8 @@ def collect(
             bar.update(job, completed=done, total=total, tps=f"{tokens / dt:,.0f}" if dt else "-")
 
         result = run_collect(config, progress=progress)
+    if not _main_rank():
+        return
     info = result.to_dict()
     if json_out:
         emit_json(info)
@@ -283,10 +336,13 @@ def ls_cmd(
       ia2cache ls
       ia2cache ls --store ./store --json
     """
+    from ia2cache._fs import is_url
     from ia2cache.collect import default_store
     from ia2cache.store import list_caches
 
     root = store or str(default_store())
+    if store and not is_url(store) and not Path(store).expanduser().is_dir():
+        raise IA2Error(f"--store {store}: no such directory")  # a typo, not an empty store
     caches = list_caches(root)
     if json_out:
         emit_json({"store": root, "caches": caches})
@@ -406,6 +462,7 @@ def distill(
     allow_model_mismatch: bool = typer.Option(
         False, "--allow-model-mismatch", help=_DIS["allow_model_mismatch"]
     ),
+    skip_damaged: bool = typer.Option(False, "--skip-damaged", help=_DIS["skip_damaged"]),
     out_dir: str | None = typer.Option(None, "--out", help=_DIS["out"]),
     store: str | None = typer.Option(None, "--store", help=_DIS["store"]),
     device: str | None = typer.Option(None, "--device", help=_DIS["device"]),
@@ -421,6 +478,8 @@ def distill(
       ia2cache distill --cache 3f2a9c0d1b2e4f56 --method a2t --lr 1e-3
       ia2cache distill --cache 3f2a9c0d1b2e4f56 --method tok --labels gt --seed 1 --json
       ia2cache distill --cache 3f2a9c0d1b2e4f56 --method act --layers 0-9 --normalize --adapter ia3
+      ia2cache distill --cache 3f2a9c0d1b2e4f56 --store s3://bucket/ia2 --method a2t
+      torchrun --nproc-per-node=2 -m ia2cache.cli -- distill --cache 3f2a9c0d1b2e4f56 --batch-size 8
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -431,12 +490,12 @@ def distill(
         lora_alpha=lora_alpha, target_modules=target_modules, num_virtual_tokens=num_virtual_tokens,
         lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, patience=patience,
         seed=seed, layers=layers, normalize=normalize, tna_weight=tna_weight, model=model,
-        allow_model_mismatch=allow_model_mismatch, out=out_dir, device=device,
+        allow_model_mismatch=allow_model_mismatch, skip_damaged=skip_damaged, out=out_dir, device=device,
     )
     bar = Progress(TextColumn("[bold]{task.fields[phase]}"), BarColumn(),
                    TextColumn("epoch {task.fields[epoch]} step {task.completed}/{task.total}"),
                    TextColumn("loss {task.fields[loss]} dev {task.fields[dev]}"), TimeElapsedColumn(),
-                   console=err)
+                   console=err, disable=not _main_rank())
     with bar:
         job = bar.add_task("distill", total=None, phase="-", epoch=0, loss="-", dev="-")
 
@@ -449,6 +508,8 @@ def distill(
                            phase=f"{ev['phase'] + 1}:{ev['objective']}", loss=f"{ev['loss']:.4g}")
 
         result = run_distill(config, progress=progress)
+    if not _main_rank():
+        return
     info = result.to_dict()
     if json_out:
         emit_json(info)
@@ -472,6 +533,9 @@ def sweep(
         None, "--icl-k", help="Demos for the ICL baseline (default: the teacher's k, min(N-1, 8))."
     ),
     model: str = typer.Option("default", "--model", help="Base model."),
+    eval_task: str | None = typer.Option(
+        None, "--eval-task", help="Out-of-distribution: score cells on this task (e.g. train hf:sst2, "
+        "eval hf:fins); rows record both."),
     out_dir: str = typer.Option("sweep_out", "--out", help="Directory for results.jsonl and adapters."),
     store: str | None = typer.Option(None, "--store", help=_COL["store"]),
     json_out: bool = JSON_OPT,
@@ -484,6 +548,7 @@ def sweep(
 
       ia2cache sweep --task antonyms --n 4,8,16 --seeds 0-2 --methods tok,act,a2t,tna
       ia2cache sweep --task capitals --n 8 --seeds 0-4 --lrs 1e-4,3e-4,1e-3 --out runs/capitals --json
+      ia2cache sweep --task hf:sst2 --eval-task hf:fins --n 8 --seeds 0-2 --methods tok,a2t --out runs/ood
     """
     from ia2cache.sweep import SweepConfig, parse_ints
     from ia2cache.sweep import sweep as run_sweep
@@ -494,7 +559,7 @@ def sweep(
         raise IA2Error(f"--lrs {lrs}: expected numbers like 1e-4,3e-4") from None
     config = SweepConfig(task=task, out=out_dir, ns=parse_ints(n, "--n"), seeds=parse_ints(seeds, "--seeds"),
                          methods=tuple(m.strip() for m in methods.split(",")), lrs=grid, epochs=epochs,
-                         n_eval=n_eval, icl_k=icl_k, model=model, store=store)
+                         n_eval=n_eval, icl_k=icl_k, model=model, store=store, eval_task=eval_task)
     result = run_sweep(config, progress=lambda msg: err.print(f"[bold]cell[/] {msg}", highlight=False))
     if json_out:
         emit_json(result)
@@ -524,6 +589,105 @@ def report(
         return
     out.print(result["markdown"])
     err.print(f"wrote {result['report']} and {len(result['plots'])} plots")
+
+
+analyze_app = typer.Typer(
+    help="How ICL-like is an adapter: activation similarity to the cached teacher, LoRA subspace overlap.",
+    no_args_is_help=True,
+)
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.command("similarity")
+@guarded
+def analyze_similarity(
+    cache: str = typer.Option(..., "--cache", help="An eval cache (collect --split eval): key or directory."),
+    adapter: list[str] = typer.Option([], "--adapter", help="Adapter directory; repeat for several."),
+    base: bool = typer.Option(True, "--base/--no-base", help="Also measure the base model (the reference)."),
+    model: str | None = typer.Option(None, "--model", help="Base model; default the cache's."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Rows per student forward pass."),
+    store: str | None = typer.Option(None, "--store", help=_COL["store"]),
+    device: str | None = typer.Option(None, "--device", help="cpu or cuda; default cuda when available."),
+    out_dir: str = typer.Option("analysis", "--out", help="Directory for <name>.json and <name>.png."),
+    name: str | None = typer.Option(None, "--name", help="File stem; default similarity-TASK-nN-sSEED."),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Compare each model's activations with the cached ICL teacher (cosine, normalised MSE).
+
+    The no-demo student (the base model, and the base model plus each adapter) reads every cached
+    row teacher-forced; per layer and per response position it reports the cosine similarity,
+    the MSE divided by the teacher's variance (nmse) and by its mean squared norm (rel_mse).
+    Writes <out>/<name>.json and a PNG (similarity vs layer, one line per method).
+
+    [bold]Examples[/]
+
+      ia2cache collect --task antonyms --n 8 --split eval --n-eval 100 --json | jq -r .key
+      ia2cache analyze similarity --cache KEY --adapter sweep/adapters/antonyms/n8-s0/act-lr0.001 \\
+          --adapter sweep/adapters/antonyms/n8-s0/tok-lr0.001 --out sweep/analysis
+    """
+    from ia2cache._io import check_writable_dir
+    from ia2cache.analyze import SimilarityConfig, default_name, similarity, write
+
+    check_writable_dir(out_dir, "--out")  # before minutes of forward passes, not after
+    config = SimilarityConfig(cache=cache, adapters=tuple(adapter), base=base, model=model,
+                              batch_size=batch_size, store=store, device=device)
+    result = similarity(config, progress=lambda label: err.print(f"[bold]measuring[/] {label}"))
+    files = write(result, out_dir, name or default_name(result), "similarity")
+    if json_out:
+        emit_json({**result, "files": files})
+        return
+    table = Table(title=f"{result['task']} · {result['site']} · {result['rows']} {result['split']} rows "
+                        f"· k={result['k']} (cosine ↑, nMSE ↓ vs the ICL teacher)")
+    layers = result["layers"]
+    picks = sorted({layers[0], layers[len(layers) // 2], layers[-1]})
+    for col in ("model", "mean cosine", "mean nMSE", *(f"cos L{i}" for i in picks)):
+        table.add_column(col, justify="right")
+    for e in result["methods"]:
+        table.add_row(e["label"], f"{e['mean_cosine']:.3f}", f"{e['mean_nmse']:.3f}",
+                      *(f"{e['cosine'][layers.index(i)]:.3f}" for i in picks))
+    out.print(table)
+    err.print(f"wrote {files['json']} and {files['png']}")
+
+
+@analyze_app.command("overlap")
+@guarded
+def analyze_overlap(
+    adapter: list[str] = typer.Option(..., "--adapter", help="LoRA adapter directory; repeat for several."),
+    out_dir: str = typer.Option("analysis", "--out", help="Directory for <name>.json and <name>.png."),
+    name: str = typer.Option("overlap", "--name", help="File stem."),
+    json_out: bool = JSON_OPT,
+) -> None:
+    """Pairwise overlap of LoRA adapters' update subspaces (1 same, 0 orthogonal).
+
+    Per layer and module, ||U1ᵀU2||²_F / r for the top-r left singular vectors U of B·A, then
+    averaged; writes <out>/<name>.json and a heatmap PNG. a2t starts from act, so that pair is
+    high by construction.
+
+    [bold]Examples[/]
+
+      ia2cache analyze overlap --adapter runs/act-lr0.001 --adapter runs/a2t-lr0.001 --adapter runs/tok
+      ia2cache analyze overlap --adapter A --adapter B --out sweep/analysis --json | jq .matrix
+    """
+    from ia2cache._io import check_writable_dir
+    from ia2cache.analyze import overlap, write
+
+    check_writable_dir(out_dir, "--out")
+    result = overlap(adapter)
+    files = write(result, out_dir, name, "overlap")
+    if json_out:
+        emit_json({**result, "files": files})
+        return
+    table = Table(title="LoRA subspace overlap (1 same, 0 orthogonal)")
+    table.add_column("")
+    for lab in result["labels"]:
+        table.add_column(lab, justify="right")
+    for lab, row in zip(result["labels"], result["matrix"], strict=True):
+        table.add_row(lab, *("-" if x is None else f"{x:.3f}" for x in row))
+    out.print(table)
+    chance = [p["chance"] for p in result["pairs"]]
+    if chance:
+        err.print(f"chance level (random subspaces) ≈ {sum(chance) / len(chance):.3f}")
+    err.print(f"wrote {files['json']} and {files['png']}")
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ _EXPORTS = {
     "EvalConfig": "ia2cache.evaluate",
     "load_adapter": "ia2cache.evaluate",
     "SweepConfig": "ia2cache.sweep",
+    "SimilarityConfig": "ia2cache.analyze",
     "IA2Error": "ia2cache.errors",
 }
 

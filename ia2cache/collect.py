@@ -2,15 +2,20 @@
 
 For every row (a teacher prompt ``demos + query`` and its student prompt ``query``):
 
-1. the response: the teacher's greedy continuation (``icl``; a batched, KV-cached
-   ``generate``, cut after EOS or the stop string) or the gold target (``target``), at most T
-   tokens;
-2. one nnsight trace of the teacher over ``prompt + response[:-1]`` (the last response token
-   is never an input at an aligned position), saving the chosen site of the chosen layers
-   **gathered at the aligned positions inside the trace**, so whole sequences never leave it.
-   The trace stops after the final norm: the top-k logits at the aligned positions come from
-   the LM head applied to those positions only. With ``icl`` and T=1 the response token is
-   that argmax, so collection is a single forward pass.
+1. the response: the teacher's greedy continuation (``icl``), stopping at EOS or the stop
+   string, or the gold target (``target``), at most T tokens;
+2. the chosen site of the chosen layers, **gathered at the aligned positions inside nnsight
+   traces**, so whole sequences never leave them:
+   - ``icl`` with T > 1: the capture happens inside the batched, KV-cached greedy decode
+     itself (a traced prefill over the left-padded prompts, then one traced one-token step per
+     response token), so the response costs what ``generate`` costs and there is no second
+     pass. The values equal a teacher-forced pass over ``prompt + response[:-1]`` within fp32
+     rounding (tested against a plain forward with hooks and against ``generate``).
+   - ``target``, and ``icl`` with T=1: one teacher-forced trace over ``prompt + response[:-1]``
+     (the last response token is never an input at an aligned position); with ``icl`` and
+     T=1 the response token is that pass's argmax.
+   Traces stop after the final norm: logits (for the greedy token and the optional top-k
+   log-probs) come from the LM head applied at the aligned positions only.
 
 Rows are written shard by shard (a shard is one writer batch); a finished shard gets a ledger
 entry. A rerun on a complete key does no model work; on a partial key it computes only the
@@ -23,7 +28,9 @@ Launch: ``ia2cache collect --task sentiment_remap --n 16`` or ``ia2cache.collect
 from __future__ import annotations
 
 import importlib.metadata
+import inspect
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,11 +40,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from ia2cache import distributed
 from ia2cache._faults import fault_point
+from ia2cache._fs import Location, location
 from ia2cache.errors import IA2Error
 from ia2cache.models import home, load_model, load_tokenizer
 from ia2cache.padding import pad
-from ia2cache.prompts import POSITION_MODES, PromptConfig, PromptPair, build_pairs, response_length
+from ia2cache.prompts import (
+    POSITION_MODES,
+    PromptConfig,
+    PromptPair,
+    build_eval_pairs,
+    build_pairs,
+    response_length,
+)
 from ia2cache.sites import decoder_layers, get_site, parse_layers
 from ia2cache.store import ArraySpec, Cache, cache_key, encode_activations
 from ia2cache.tasks import DEFAULT_TASK, Task, is_single_token, load_task
@@ -76,6 +92,11 @@ class CollectConfig:
     """Demos per teacher prompt; None (auto) means min(N-1, 8)."""
     seed: int = 0
     """Data seed: picks the N examples and every row's demos."""
+    split: str = "train"
+    """train: the N train rows plus dev rows (for distill); eval: the task's eval rows, each with k
+    demos drawn (seeded) from the pool, as ICL evaluation sees them (for `analyze similarity`)."""
+    n_eval: int | None = None
+    """With --split eval: the first n_eval eval rows (all if None)."""
     response: str = "icl"
     """icl: the teacher's own greedy continuation; target: the gold target."""
     max_new_tokens: int | None = None
@@ -97,7 +118,7 @@ class CollectConfig:
     chunk_rows: int = 8
     """Rows per chunk: the unit of reading and checksumming."""
     store: str | None = None
-    """Store directory; default $IA2CACHE_HOME/store."""
+    """Store directory or fsspec URL (s3://bucket/prefix); default $IA2CACHE_HOME/store."""
 
     def __post_init__(self) -> None:
         if self.response not in RESPONSE_MODES:
@@ -119,10 +140,15 @@ class CollectConfig:
                 f"{self.chunk_rows}"
             )
         PromptConfig(n=self.n, k=self.k, seed=self.seed)
+        if self.split not in ("train", "eval"):
+            raise IA2Error(f"--split {self.split}: choose train or eval")
+        if self.n_eval is not None and (self.split != "eval" or self.n_eval < 1):
+            raise IA2Error(f"--n-eval {self.n_eval}: needs --split eval and at least 1")
 
     @property
-    def store_path(self) -> Path:
-        return Path(self.store).expanduser() if self.store else default_store()
+    def store_path(self) -> Location:
+        """The store: a local directory, or a RemotePath for an fsspec URL (``s3://b/p``)."""
+        return location(self.store) if self.store else default_store()
 
 
 @dataclass
@@ -171,6 +197,8 @@ class _Plan:
 def _resolve_t(config: CollectConfig, task: Task, tokenizer: Any) -> int:
     if config.max_new_tokens is not None:
         return config.max_new_tokens
+    if task.card.get("max_new_tokens"):  # multi-token tasks name their response length T
+        return int(task.card["max_new_tokens"])
     return 1 if is_single_token(task, tokenizer) else 16
 
 
@@ -178,6 +206,9 @@ def _plan(config: CollectConfig, tokenizer: Any, info: Any, model_config: Any) -
     task = load_task(config.task, config.template, config.separator, config.eval_fraction)
     pairs = build_pairs(task, tokenizer, PromptConfig(n=config.n, k=config.k, seed=config.seed))
     rows = pairs.rows
+    if config.split == "eval":
+        # Same k as the train cache of this N; demos from the whole pool, as ICL evaluation.
+        rows = tuple(build_eval_pairs(task, tokenizer, pairs.k, config.seed, config.n_eval))
     t = _resolve_t(config, task, tokenizer)
     n_layers, hidden = model_config.num_hidden_layers, model_config.hidden_size
     layers = parse_layers(config.layers, n_layers)
@@ -200,6 +231,8 @@ def _plan(config: CollectConfig, tokenizer: Any, info: Any, model_config: Any) -
         "site": config.site, "layers": layers, "positions": config.positions,
         "dtype": config.dtype, "topk_logits": config.topk_logits,
     }
+    if config.split == "eval":  # only then: train caches keep the keys they always had
+        key_fields.update(split="eval", n_eval=len(rows))
     key = cache_key(key_fields)
     manifest = {
         "model": {"name": info.name, "fingerprint": info.fingerprint,
@@ -218,6 +251,9 @@ def _plan(config: CollectConfig, tokenizer: Any, info: Any, model_config: Any) -
         "pad": PAD,
         "how_to_read": _HOW_TO_READ,
     }
+    if config.split == "eval":  # train manifests stay as they were, so old partial caches resume
+        manifest.update(split="eval", n_train=0, n_dev=0, n_eval=len(rows), splits={"2": "eval"},
+                        how_to_read=_HOW_TO_READ + " " + _HOW_TO_READ_EVAL)
     specs = _array_specs(config, rows, t, layers, hidden, p_slots, pairs.k)
     return _Plan(task, rows, pairs.k, t, layers, p_slots, key, manifest, specs, hidden)
 
@@ -234,6 +270,12 @@ the task pool (pool order as in the task files). logits/topk_values are the teac
 next-token log-probabilities (log_softmax over the full vocabulary) at the aligned positions,
 logits/topk_ids their token ids.
 """.split())
+
+
+_HOW_TO_READ_EVAL = (
+    "This is an eval cache (split eval): every row has rows/split 2 and rows/example_index indexes "
+    "the task's eval split; demos still index the pool."
+)
 
 
 def _act_path(site: str, layer: int) -> str:
@@ -278,18 +320,6 @@ def _array_specs(config: CollectConfig, rows: tuple[PromptPair, ...], t: int, la
 # ----------------------------------------------------------------------------- teacher
 
 
-@torch.no_grad()
-def _generate(model: Any, tokenizer: Any, prompts: list[list[int]], t: int, stop: str) -> list[list[int]]:
-    """Batched, KV-cached greedy continuation of each prompt (left padded for generate)."""
-    pad_id = tokenizer.pad_token_id
-    ids, mask = pad(prompts, pad_id, left=True, device=next(model.parameters()).device)
-    width = ids.shape[1]
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=t,
-                         min_new_tokens=1, do_sample=False, pad_token_id=pad_id)
-    new = out[:, width:].tolist()
-    return [r[: response_length(tokenizer, r, stop)] for r in new]
-
-
 class Teacher:
     """The base model wrapped by nnsight, tracing one micro-batch at a time.
 
@@ -306,6 +336,8 @@ class Teacher:
         self.forwards = 0
         self.tokens = 0
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        params = inspect.signature(getattr(model, "model", model).forward).parameters
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
 
     def _logits(self, normed: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_output_embeddings()(normed).float()
@@ -319,14 +351,11 @@ class Teacher:
         """Responses, activations (B, P, H) per layer and optional top-k at aligned positions."""
         import nnsight
 
-        one_pass = response == "icl" and t == 1
-        if response == "target":
-            resp = [list(p.target_ids[:t]) for p in pairs]
-        elif one_pass:
-            resp = [[] for _ in pairs]  # filled from this very trace's logits below
-        else:
-            resp = _generate(self.model, self.tok, [list(p.teacher_ids) for p in pairs], t, stop)
-            self.forwards += t
+        if response == "icl" and t > 1:
+            return self._run_decoding(pairs, t, positions, stop, p_slots)
+        one_pass = response == "icl"
+        # icl's single token comes from this very trace's logits, below.
+        resp = [[] for _ in pairs] if one_pass else [list(p.target_ids[:t]) for p in pairs]
         n_resp = [1 if one_pass else len(r) for r in resp]
         pos = [p.positions(n, positions) for p, n in zip(pairs, n_resp, strict=True)]
         # Input: prompt + response[:-1]; every aligned position lies inside it.
@@ -371,6 +400,110 @@ class Teacher:
         return out
 
 
+    def _cache_kwargs(self, cache: Any) -> dict[str, Any]:
+        # transformers renames ``past_key_values`` to ``cache`` during 5.x.
+        return {self._cache_arg: cache, "use_cache": True}
+
+    @torch.no_grad()
+    def _run_decoding(self, pairs: list[PromptPair], t: int, positions: str, stop: str,
+                      p_slots: int) -> dict[str, Any]:
+        """``icl`` with T > 1: capture inside the batched, KV-cached greedy decode itself.
+
+        The prefill (prompts left padded, positions from the mask) gives every aligned position
+        inside the prompt, its last position included; decode step j feeds response token j-1
+        and gives aligned position ``len(prompt) - 1 + j``. These are the activations that a
+        teacher-forced pass over ``prompt + response[:-1]`` computes (same tokens, same
+        positions; equal within fp32 rounding, tested), at the cost of the generation alone.
+        Greedy as ``generate(min_new_tokens=1)``: EOS is barred at the first step only; the
+        loop ends when every row has reached EOS or the stop string.
+        """
+        import nnsight
+        from transformers import DynamicCache
+
+        b = len(pairs)
+        dev = next(self.model.parameters()).device
+        prompts = [list(p.teacher_ids) for p in pairs]
+        ids, mask = pad(prompts, self.tok.pad_token_id, left=True, device=dev)
+        width = ids.shape[1]
+        shift = [width - len(q) for q in prompts]  # left padding of each row
+        pos_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        # Aligned slots that lie inside the prompt (all of them for query+response's query
+        # part, plus response slot 0); the rest come from decode steps 1..T-1, in order.
+        full = [p.positions(t, positions) for p in pairs]
+        n_pre = [sum(1 for x in tp if x < len(q)) for (tp, _), q in zip(full, prompts, strict=True)]
+        pre = torch.zeros((b, max(n_pre)), dtype=torch.long)
+        for i, ((tp, _), n) in enumerate(zip(full, n_pre, strict=True)):
+            pre[i, :n] = torch.tensor(tp[:n]) + shift[i]
+            pre[i, n:] = width - 1
+        bi = torch.arange(b, device=dev)[:, None]
+        pi = pre.to(dev)
+        layers = decoder_layers(self.nn)
+        kv = DynamicCache(config=self.model.config)
+        eos = self.tok.eos_token_id
+        with self.nn.trace(input_ids=ids, attention_mask=mask, position_ids=pos_ids,
+                           **self._cache_kwargs(kv)) as tracer:
+            acts0 = nnsight.save([self.site.module(layers[i]).output[bi, pi] for i in self.layers])
+            normed0 = nnsight.save(self.nn.model.norm.output[bi, pi])
+            tracer.stop()  # the cache is filled by the layers; the LM head runs on few rows only
+        self.forwards += 1
+        self.tokens += int(mask.sum())
+        last = torch.tensor([n - 1 for n in n_pre], device=dev)
+        logits0 = self._logits(normed0)
+        step_logits = logits0[torch.arange(b, device=dev), last]
+        if eos is not None:
+            step_logits[:, eos] = float("-inf")  # min_new_tokens=1
+        gen = [[int(x)] for x in step_logits.argmax(-1).tolist()]
+        dec_acts: list[list[torch.Tensor]] = []
+        dec_normed: list[torch.Tensor] = []
+        done = [response_length(self.tok, g, stop) < len(g) or g[-1] == eos for g in gen]
+        for _step in range(1, t):
+            if all(done):
+                break
+            nxt = torch.tensor([g[-1] for g in gen], device=dev)[:, None]
+            mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=dev)], dim=1)
+            pos_ids = pos_ids[:, -1:] + 1
+            with self.nn.trace(input_ids=nxt, attention_mask=mask, position_ids=pos_ids,
+                               **self._cache_kwargs(kv)) as tracer:
+                a = nnsight.save([self.site.module(layers[i]).output[:, -1] for i in self.layers])
+                nm = nnsight.save(self.nn.model.norm.output[:, -1])
+                tracer.stop()
+            self.forwards += 1
+            self.tokens += b
+            dec_acts.append(a)
+            dec_normed.append(nm)
+            for i, x in enumerate(self._logits(nm).argmax(-1).tolist()):
+                if not done[i]:
+                    gen[i].append(int(x))
+                    done[i] = gen[i][-1] == eos or response_length(self.tok, gen[i], stop) < len(gen[i])
+        resp = [g[: response_length(self.tok, g, stop)] for g in gen]
+        pos = [p.positions(len(r), positions) for p, r in zip(pairs, resp, strict=True)]
+        valid = torch.zeros((b, p_slots), dtype=torch.bool, device=dev)
+        for i, (tp, _) in enumerate(pos):
+            valid[i, : len(tp)] = True
+
+        def place(first: torch.Tensor, steps: list[torch.Tensor]) -> torch.Tensor:
+            out = first.new_zeros((b, p_slots, first.shape[-1]))
+            later = torch.stack(steps, dim=1) if steps else None
+            for i, n in enumerate(n_pre):
+                out[i, :n] = first[i, :n]
+                if later is not None:
+                    m = min(later.shape[1], p_slots - n)
+                    out[i, n : n + m] = later[i, :m]
+            return out.masked_fill(~valid[..., None], 0)
+
+        out: dict[str, Any] = {
+            "acts": [place(acts0[j], [s[j] for s in dec_acts]) for j in range(len(self.layers))],
+            "positions": pos,
+            "responses": resp,
+        }
+        if self.topk:
+            logits = self._logits(place(normed0, dec_normed))
+            v, ix = logits.log_softmax(-1).topk(self.topk, dim=-1)
+            out["topk_values"] = v.masked_fill(~valid[..., None], 0)
+            out["topk_ids"] = ix.masked_fill(~valid[..., None], PAD)
+        return out
+
+
 # ----------------------------------------------------------------------------- rows -> arrays
 
 
@@ -381,6 +514,24 @@ def _ragged(seqs: list[list[int]] | list[tuple[int, ...]], width: int) -> np.nda
     return a
 
 
+def _refuse_non_finite(t: torch.Tensor, pairs: list[PromptPair], site: str, layer: int) -> None:
+    """A teacher that outputs NaN/Inf poisons every run trained from the cache: stop before the
+    shard is written (the cache stays partial) and name the layer and rows."""
+    finite = torch.isfinite(t).flatten(1).all(1)
+    if bool(finite.all()):
+        return
+    bad = [i for i in range(len(pairs)) if not finite[i]]
+    rows = sorted(pairs[i].row for i in bad)
+    examples = [pairs[i].example_id for i in bad]
+    nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+    raise IA2Error(
+        f"the teacher produced non-finite activations ({nan} NaN, {inf} Inf) at --site {site} layer "
+        f"{layer}, rows {rows[:10]}{' ...' if len(rows) > 10 else ''} (examples {examples[:10]}); "
+        "nothing of their shard was written and the cache is left partial. Check the model's "
+        "weights and --dtype (an overflow in half precision?)"
+    )
+
+
 def _shard_data(plan: _Plan, config: CollectConfig, pairs: list[PromptPair],
                 results: list[dict[str, Any]], pool_index: dict[str, int]) -> dict[str, np.ndarray]:
     resp = [r for res in results for r in res["responses"]]
@@ -389,6 +540,7 @@ def _shard_data(plan: _Plan, config: CollectConfig, pairs: list[PromptPair],
     data: dict[str, np.ndarray] = {}
     for j, layer in enumerate(plan.layers):
         t = torch.cat([res["acts"][j].cpu() for res in results])
+        _refuse_non_finite(t, pairs, config.site, layer)
         data[_act_path(config.site, layer)] = encode_activations(t, config.dtype)
 
     def width(path: str) -> int:
@@ -405,7 +557,8 @@ def _shard_data(plan: _Plan, config: CollectConfig, pairs: list[PromptPair],
     data["tokens/teacher_positions"] = _ragged([tp for tp, _ in pos], plan.p_slots)
     data["tokens/student_positions"] = _ragged([sp for _, sp in pos], plan.p_slots)
     data["tokens/positions_len"] = np.array([len(tp) for tp, _ in pos], dtype=np.int32)
-    data["rows/example_index"] = np.array([pool_index[p.example_id] for p in pairs], dtype=np.int32)
+    queries = pool_index if config.split == "train" else {e.id: i for i, e in enumerate(plan.task.eval)}
+    data["rows/example_index"] = np.array([queries[p.example_id] for p in pairs], dtype=np.int32)
     data["rows/demo_index"] = _ragged(
         [[pool_index[d] for d in p.demo_ids] for p in pairs], width("rows/demo_index")
     )
@@ -454,7 +607,6 @@ def collect(config: CollectConfig, loaded: Any | None = None,
         model_config = AutoConfig.from_pretrained(info.path)
     plan = _plan(config, tok, info, model_config)
     store = config.store_path
-    _check_store_writable(store)
     path = store / plan.key
     existing = Cache.open(path) if (path / "zarr.json").exists() else None
     if existing is not None and existing.status == "complete":
@@ -462,6 +614,7 @@ def collect(config: CollectConfig, loaded: Any | None = None,
         return CollectResult(str(path), plan.key, existing.n_rows, True, "complete",
                              existing.bytes_on_disk(), round(time.perf_counter() - t0, 3),
                              manifest=existing.manifest)
+    _check_store_writable(store)  # only now: a complete cache on a read-only store is reused
     rows_per_shard = existing.rows_per_shard if existing else config.shard_rows
     rows_per_chunk = existing.rows_per_chunk if existing else config.chunk_rows
     # Micro-batches are fixed per cache so that a resumed shard is computed bit-identically.
@@ -469,12 +622,22 @@ def collect(config: CollectConfig, loaded: Any | None = None,
     about = {"batch_size": batch_size, "model_spec": config.model, "task_spec": config.task,
              "eval_fraction": config.eval_fraction}
     manifest = {**plan.manifest, "about": about, "versions": _versions()}
-    cache = Cache.create_or_open(store, plan.key, manifest, plan.specs, len(plan.rows),
-                                 rows_per_shard, rows_per_chunk)
-    with cache.lock():
-        missing = cache.missing_shards()
-        if missing:
-            log.info("collecting %d of %d shards into %s", len(missing), cache.n_shards, path)
+    # Under torchrun rank 0 creates the cache and the others open it after the barrier, so the
+    # arrays are created once; single process: both calls are plain.
+    distributed.barrier()
+    if distributed.is_main():
+        cache = Cache.create_or_open(store, plan.key, manifest, plan.specs, len(plan.rows),
+                                     rows_per_shard, rows_per_chunk)
+    distributed.barrier()
+    if not distributed.is_main():
+        cache = Cache.create_or_open(store, plan.key, manifest, plan.specs, len(plan.rows),
+                                     rows_per_shard, rows_per_chunk)
+    with distributed.main_holds(cache.lock):  # rank 0 holds the lock for the whole job
+        # Rank 0's list of missing shards; rank r writes missing[r::W], whole shards only.
+        missing = distributed.broadcast_object(cache.missing_shards())
+        mine = distributed.my_share(missing)
+        if mine:
+            log.info("collecting %d of %d shards into %s", len(mine), cache.n_shards, path)
             loaded = loaded or load_model(config.model)
             teacher = Teacher(loaded.model, tok, config.site, plan.layers, config.topk_logits)
         pool_index = {e.id: i for i, e in enumerate(plan.task.pool)}
@@ -483,7 +646,7 @@ def collect(config: CollectConfig, loaded: Any | None = None,
             progress(done_rows, cache.n_rows, 0)
         rows_computed = 0
         fault_point("collect.before_first_shard")
-        for shard in missing:
+        for shard in mine:
             a, b = cache.shard_rows(shard)
             pairs = list(plan.rows[a:b])
             # Micro-batches of similar length waste less compute on padding; the order is a
@@ -512,22 +675,30 @@ def collect(config: CollectConfig, loaded: Any | None = None,
             if progress:
                 progress(done_rows, cache.n_rows, teacher.tokens)
         seconds = round(time.perf_counter() - t0, 3)
-        cache.finalize({"seconds": seconds})
+        distributed.barrier()  # every rank's shards and ledger entries are in place
+        if distributed.is_main():
+            cache.finalize({"seconds": seconds})
+        distributed.barrier()
+        if not distributed.is_main():
+            cache = Cache.open(path)  # rank 0 marked it complete
         fault_point("collect.end")
-    tokens = teacher.tokens if missing else 0
+    tokens = teacher.tokens if mine else 0
+    # Under torchrun the result counts the work of every rank (identity in one process).
+    n_shards, rows_computed, tokens = (
+        int(x) for x in distributed.all_reduce_sum([len(mine), rows_computed, tokens]))
     return CollectResult(str(path), plan.key, cache.n_rows, False, cache.status,
-                         cache.bytes_on_disk(), seconds, len(missing), rows_computed, tokens,
+                         cache.bytes_on_disk(), seconds, n_shards, rows_computed, tokens,
                          manifest=cache.manifest)
 
 
-def _check_store_writable(store: Path) -> None:
+def _check_store_writable(store: Location) -> None:
     try:
         store.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise IA2Error(f"--store {store}: cannot create it ({exc.strerror})") from exc
-    probe = store / ".ia2cache-write-probe"
+        raise IA2Error(f"--store {store}: cannot create it ({exc.strerror or exc})") from exc
+    probe = store / f".ia2cache-write-probe-{os.getpid()}"  # one per process: ranks run at once
     try:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise IA2Error(f"--store {store}: not writable ({exc.strerror})") from exc
+        raise IA2Error(f"--store {store}: not writable ({exc.strerror or exc})") from exc

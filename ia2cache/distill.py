@@ -21,8 +21,10 @@ from typing import Any
 
 import torch
 
+from ia2cache import distributed
 from ia2cache._faults import fault_point
-from ia2cache._io import write_json_atomic
+from ia2cache._fs import location
+from ia2cache._io import check_writable_dir, write_json_atomic
 from ia2cache.adapters import ADAPTERS, AdapterSpec, attach, position_offset
 from ia2cache.errors import IA2Error
 from ia2cache.loader import Batch, CacheLoader, LoaderConfig
@@ -42,9 +44,9 @@ class DistillConfig:
     """One training run from one cache."""
 
     cache: str
-    """A cache key (in the store) or a cache directory."""
+    """A cache key (in the store), a cache directory, or a cache URL (s3://bucket/prefix/KEY)."""
     store: str | None = None
-    """Store directory holding the cache; default $IA2CACHE_HOME/store."""
+    """Store directory or fsspec URL (s3://bucket/prefix) holding the cache; default $IA2CACHE_HOME/store."""
     method: str = "a2t"
     """act (IA2), tok (SFT), tokl (top-k KL), tna (mix), a2t (IA2 then SFT), t2a (SFT then IA2)."""
     labels: str = "gt"
@@ -64,7 +66,8 @@ class DistillConfig:
     epochs: int = 50
     """Maximum epochs per phase."""
     batch_size: int = 4
-    """Rows per optimizer step (micro-batch rows x grad_accum)."""
+    """Rows per optimizer step (micro-batch rows x grad_accum); under torchrun the global batch,
+    split across the ranks."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; micro-batch rows = batch_size / grad_accum."""
     patience: int = 5
@@ -81,6 +84,9 @@ class DistillConfig:
     """Base model; default the one the cache was collected from."""
     allow_model_mismatch: bool = False
     """Train even if the model's fingerprint differs from the cache's."""
+    skip_damaged: bool = False
+    """Train without the rows of damaged cache chunks (checksum mismatch, unreadable or deleted
+    shard files) instead of stopping; how many rows were dropped is logged and kept in run.json."""
     out: str | None = None
     """Output directory; default $IA2CACHE_HOME/runs/<cache key>/<method>-<adapter>-lr<lr>-s<seed>."""
     device: str | None = None
@@ -109,6 +115,8 @@ class DistillConfig:
     def fingerprint(self) -> str:
         """Hash of every field that changes the trained weights."""
         d = {k: v for k, v in asdict(self).items() if k not in ("out", "store", "device", "cache")}
+        if not self.skip_damaged:  # off, it changes nothing: runs from before it keep their hash
+            d.pop("skip_damaged")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -315,14 +323,18 @@ def _ckpt_dir(out: Path) -> Path:
 def _save_checkpoint(run: _Run, state: dict[str, Any], opt: torch.optim.Optimizer,
                      best: dict[str, torch.Tensor] | None) -> None:
     """Tensors in safetensors, counters in JSON; ``state.json`` is renamed in last, so a kill
-    at any moment leaves the previous checkpoint whole."""
+    at any moment leaves the previous checkpoint whole. Under torchrun only rank 0 writes."""
     from safetensors.torch import save_file
+
+    if not distributed.is_main():
+        return
 
     d = _ckpt_dir(run.out)
     d.mkdir(parents=True, exist_ok=True)
     tag = f"{state['phase']}-{state['epoch']}"
     current = {k: v.contiguous().cpu() for k, v in _snapshot(run.model).items()}
     save_file(current, d / f"adapter-{tag}.safetensors")
+    fault_point("distill.mid_checkpoint")  # a kill here must leave the previous checkpoint usable
     if best is not None:
         save_file({k: v.contiguous().cpu() for k, v in best.items()}, d / f"best-{tag}.safetensors")
     osd = opt.state_dict()
@@ -374,13 +386,15 @@ def _locate(config: DistillConfig) -> tuple[Cache, Path]:
     """The cache to train from and the output directory (cheap: no model is loaded)."""
     from ia2cache.collect import default_store
 
-    store = Path(config.store).expanduser() if config.store else default_store()
+    store = location(config.store) if config.store else default_store()
     cache = Cache.open(resolve_cache(store, config.cache))
     out = Path(config.out).expanduser() if config.out else home() / "runs" / cache.key / config.run_name()
+    check_writable_dir(out, "--out")
     return cache, out
 
 
 def _setup(config: DistillConfig, loaded: LoadedModel | None) -> _Run:
+    distributed.init()  # no-op unless launched by torchrun with WORLD_SIZE > 1
     cache, out = _locate(config)
     manifest = cache.manifest
     if cache.status != "complete":
@@ -406,11 +420,15 @@ def _setup(config: DistillConfig, loaded: LoadedModel | None) -> _Run:
         p.requires_grad_(False)
     aspec = AdapterSpec(config.lora_r, config.lora_alpha, config.target_modules, config.num_virtual_tokens)
     model = attach(loaded.model, config.adapter, aspec)
+    distributed.broadcast_params(list(_trainable(model).values()))  # same start on every rank
     micro = config.batch_size // config.grad_accum
-    common = dict(batch_size=micro, layers=tuple(layers), seed=config.seed)
+    common = dict(batch_size=micro, layers=tuple(layers), seed=config.seed, skip_damaged=config.skip_damaged)
     checks = dict(model_info=loaded.info, allow_model_mismatch=config.allow_model_mismatch,
                   pad_id=loaded.tokenizer.pad_token_id)
-    train = CacheLoader(cache, LoaderConfig(split="train", **common), **checks)
+    # Data parallel (torchrun): each global batch is split across ranks; dev is evaluated whole
+    # on every rank, so early stopping decides the same everywhere.
+    ranks = dict(rank=distributed.rank(), world_size=distributed.world_size())
+    train = CacheLoader(cache, LoaderConfig(split="train", **common, **ranks), **checks)
     dev = CacheLoader(cache, LoaderConfig(split="dev", shuffle=False, **common), **checks)
     variances = None
     if config.normalize:
@@ -452,8 +470,12 @@ def _train_phase(run: _Run, phase: int, objective: str, start: dict[str, Any] | 
         t_loop = time.perf_counter()
         for step, batch in enumerate(run.train, start=1):
             loss = _losses(run, batch, objective)
-            (loss / cfg.grad_accum).backward()
+            # This rank's share of the global batch, weighted so that the rank-averaged gradient
+            # is the gradient of the global batch's mean loss (weight 1 with equal shares).
+            share = len(batch.rows) * distributed.world_size() / max(batch.global_rows, 1)
+            (loss * share / cfg.grad_accum).backward()
             if step % cfg.grad_accum == 0 or step == len(run.train):
+                distributed.all_reduce_grads(params)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             total += loss.item() * len(batch.rows)
@@ -462,8 +484,9 @@ def _train_phase(run: _Run, phase: int, objective: str, start: dict[str, Any] | 
                 progress({"phase": phase, "objective": objective, "epoch": epoch, "step": step,
                           "steps": len(run.train), "loss": loss.item()})
         run.loop_seconds += time.perf_counter() - t_loop
+        total, rows = distributed.all_reduce_sum([total, rows])
         train_loss = total / max(rows, 1)
-        dev_loss = _dev_loss(run, objective)
+        dev_loss = distributed.broadcast_object(_dev_loss(run, objective))
         score = dev_loss if dev_loss is not None else train_loss
         if score < best_loss:
             best_loss, best_epoch, bad, best = score, epoch, 0, _snapshot(run.model)
@@ -496,17 +519,24 @@ def distill(config: DistillConfig, loaded: LoadedModel | None = None,
         epochs run per phase, final losses and wall time.
     """
     t0 = time.perf_counter()
+    distributed.init()  # no-op unless launched by torchrun with WORLD_SIZE > 1
     cache, out = _locate(config)
     done = out / "run.json"
-    if done.is_file():  # checked before any model is loaded: a finished run costs nothing
-        prev = json.loads(done.read_text())
-        if prev.get("config_fingerprint") == config.fingerprint() and prev.get("cache_key") == cache.key:
-            log.info("%s already holds this finished run: reused", out)
-            return DistillResult(str(out), config.method, prev["best_epoch"], prev["epochs_run"],
-                                 prev["final"], prev["seconds"], reused=True,
-                                 initial_dev_loss=prev.get("initial_dev_loss", []), history=prev["history"])
+    # Checked before any model is loaded: a finished run costs nothing. Under torchrun rank 0
+    # decides for all (only it writes --out; other nodes may not even see that directory).
+    prev = json.loads(done.read_text()) if distributed.is_main() and done.is_file() else None
+    prev = distributed.broadcast_object(prev) or {}
+    if prev.get("config_fingerprint") == config.fingerprint() and prev.get("cache_key") == cache.key:
+        log.info("%s already holds this finished run: reused", out)
+        return DistillResult(str(out), config.method, prev["best_epoch"], prev["epochs_run"],
+                             prev["final"], prev["seconds"], reused=True,
+                             initial_dev_loss=prev.get("initial_dev_loss", []), history=prev["history"])
     run = _setup(config, loaded)
-    resumed = _load_checkpoint(run)
+    resumed = _load_checkpoint(run) if distributed.is_main() else None
+    if distributed.world_size() > 1:  # every rank resumes from rank 0's checkpoint
+        resumed = distributed.broadcast_object(resumed)
+        run.history, run.initial = distributed.broadcast_object((run.history, run.initial))
+        distributed.broadcast_params(list(_trainable(run.model).values()))
     start_phase, start, best, optim = 0, None, None, None
     if resumed is not None:
         meta, best, optim = resumed
@@ -531,6 +561,7 @@ def distill(config: DistillConfig, loaded: LoadedModel | None = None,
     seconds = round(time.perf_counter() - t0, 3)
     _save_outputs(run, best_epochs, epochs_run, final, seconds)
     run.capture.close()
+    distributed.barrier()  # rank 0 has written the adapter and run.json
     initial = [run.initial.get(str(i)) for i in range(len(phases))]
     return DistillResult(str(run.out), config.method, best_epochs, epochs_run, final, seconds,
                          initial_dev_loss=initial, history=run.history)
@@ -556,6 +587,8 @@ def _final_losses(run: _Run, last_phase: int) -> dict[str, float | None]:
 
 def _save_outputs(run: _Run, best_epochs: list[int], epochs_run: list[int],
                   final: dict[str, float | None], seconds: float) -> None:
+    if not distributed.is_main():
+        return
     run.model.save_pretrained(run.out)
     m = run.cache.manifest
     record = {
@@ -575,6 +608,7 @@ def _save_outputs(run: _Run, best_epochs: list[int], epochs_run: list[int],
         "final": final,
         "seconds": seconds,
         "data_wait_seconds": round(run.train.wait_seconds, 4),
+        "skipped_damaged_rows": {"train": run.train.skipped_rows, "dev": run.dev.skipped_rows},
         "train_loop_seconds": round(run.loop_seconds, 4),
     }
     write_json_atomic(run.out / "run.json", record, indent=1)

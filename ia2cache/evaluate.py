@@ -2,8 +2,11 @@
 
 Single-token tasks score the next-token distribution after the prompt: accuracy is argmax
 against the target's first token, confidence is the top-1 probability. Multi-token tasks
-generate greedily up to the stop string and compare exact text; confidence is the greedy
-answer's sequence probability.
+generate greedily up to the stop string and compare exact text, or, when the task card names an
+answer parser (``ia2cache.answers``: ``hash`` for ``#### n``, ``boxed`` for ``\\boxed{...}``),
+the parsed answers of response and gold target; confidence is the greedy answer's sequence
+probability. ``ood_task`` builds an out-of-distribution evaluation: queries from one task,
+demos (and so the ICL teacher) from the training task.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from ia2cache.answers import get_parser
 from ia2cache.errors import IA2Error
 from ia2cache.metrics import ece_equal_mass, ece_equal_width
 from ia2cache.padding import pad
@@ -46,6 +50,9 @@ class EvalConfig:
     """Rows per forward pass."""
     agreement: bool = False
     """Also score the ICL teacher (base model, k demos) and report how often the answers agree."""
+    max_new_tokens: int | None = None
+    """Multi-token tasks: tokens to generate; default the task card's max_new_tokens, else the
+    longest gold target + 4."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("base", "icl", "adapter"):
@@ -54,6 +61,8 @@ class EvalConfig:
             raise IA2Error(f"--batch-size {self.batch_size}: must be at least 1")
         if self.mode == "icl" and self.k < 1:
             raise IA2Error(f"--k {self.k}: ICL needs at least one demo")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise IA2Error(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
 
 
 def _prompt(pair: PromptPair, mode: str) -> list[int]:
@@ -85,8 +94,9 @@ def _score_single(model: Any, pairs: list[PromptPair], mode: str, pad_id: int, b
 
 @torch.no_grad()
 def _score_generate(model: Any, tok: Any, task: Task, pairs: list[PromptPair], mode: str,
-                    bs: int, device: torch.device) -> dict[str, np.ndarray]:
-    max_new = max(len(p.target_ids) for p in pairs) + 4
+                    bs: int, device: torch.device, max_new: int | None = None) -> dict[str, np.ndarray]:
+    max_new = max_new or task.card.get("max_new_tokens") or max(len(p.target_ids) for p in pairs) + 4
+    parse = get_parser(task.card["parser"]) if task.card.get("parser") else None
     conf, correct, nll, answers = [], [], [], []
     pad_id = tok.pad_token_id
     for start in range(0, len(pairs), bs):
@@ -109,8 +119,13 @@ def _score_generate(model: Any, tok: Any, task: Task, pairs: list[PromptPair], m
             text = tok.decode(ids[:n_tok], skip_special_tokens=True)
             if task.stop:
                 text = text.split(task.stop)[0]
-            answers.append(text.strip())
-            correct.append(text.strip() == p.target)
+            if parse is None:
+                answers.append(text.strip())
+                correct.append(text.strip() == p.target)
+            else:  # exact match of the parsed answers; no parsable answer is wrong
+                answer = parse(text)
+                answers.append(answer)
+                correct.append(answer is not None and answer == parse(p.target))
             conf.append(float(chosen[i, : max(n_tok, 1)].sum().exp()))
         # NLL of the gold target, teacher-forced.
         full = [s + list(p.target_ids) for s, p in zip(seqs, batch, strict=True)]
@@ -127,10 +142,20 @@ def _score_generate(model: Any, tok: Any, task: Task, pairs: list[PromptPair], m
 
 
 def _score(model: Any, tok: Any, task: Task, pairs: list[PromptPair], mode: str, bs: int,
-           device: torch.device, single: bool) -> dict[str, np.ndarray]:
-    if single:
+           device: torch.device, single: bool, max_new: int | None = None) -> dict[str, np.ndarray]:
+    if single and not task.card.get("parser"):
         return _score_single(model, pairs, mode, tok.pad_token_id, bs, device)
-    return _score_generate(model, tok, task, pairs, mode, bs, device)
+    return _score_generate(model, tok, task, pairs, mode, bs, device, max_new)
+
+
+def ood_task(train: Task, target: Task) -> Task:
+    """Evaluate out of distribution: ``target``'s eval queries, with ICL demos from ``train``'s
+    pool (the teacher the adapters were distilled from), in ``target``'s prompt shape."""
+    if train.name == target.name and train.content_hash == target.content_hash:
+        return train
+    card = {**target.card, "train_task": train.name}
+    return Task(name=target.name, pool=train.pool, eval=target.eval, template=target.template,
+                separator=target.separator, stop=target.stop, source=target.source, card=card)
 
 
 def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
@@ -150,22 +175,27 @@ def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
     k = config.k if config.mode == "icl" else 0
     pairs = build_eval_pairs(task, tokenizer, k=k, seed=config.seed, n_eval=config.n_eval)
     single = is_single_token(task, tokenizer)
+    _check_context(model, pairs, config.mode, 1 if single else config.max_new_tokens or 1)
     was_training = model.training
     model.eval()
-    res = _score(model, tokenizer, task, pairs, config.mode, config.batch_size, device, single)
+    res = _score(model, tokenizer, task, pairs, config.mode, config.batch_size, device, single,
+                 config.max_new_tokens)
     agreement = None
     if config.agreement and config.mode != "icl":
         icl_pairs = build_eval_pairs(task, tokenizer, k=config.k, seed=config.seed, n_eval=config.n_eval)
         # The teacher is the base model: switch a peft adapter off while it answers.
         ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
         with ctx:
-            teacher = _score(model, tokenizer, task, icl_pairs, "icl", config.batch_size, device, single)
+            teacher = _score(model, tokenizer, task, icl_pairs, "icl", config.batch_size, device, single,
+                             config.max_new_tokens)
         key = "pred" if single else "answers"
         agreement = float(np.mean(res[key] == teacher[key]))
     model.train(was_training)
     conf, corr = res["confidence"], res["correct"]
     out = {
         "task": task.name,
+        "train_task": task.card.get("train_task", task.name),
+        "parser": task.card.get("parser"),
         "mode": config.mode,
         "k": k,
         "n_eval": len(pairs),
@@ -186,18 +216,50 @@ def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
     return out
 
 
-def load_adapter(adapter_dir: str | Path, device: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
-    """Load a distilled adapter onto its base model; returns (model, tokenizer, run.json)."""
+def _check_context(model: Any, pairs: list[PromptPair], mode: str, new_tokens: int) -> None:
+    """Refuse prompts the model cannot read whole (past its position limit scores are garbage)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not isinstance(limit, int) or not pairs:
+        return
+    longest = max(pairs, key=lambda p: len(_prompt(p, mode)))
+    n = len(_prompt(longest, mode))
+    if n + new_tokens > limit:
+        raise IA2Error(
+            f"eval row {longest.row} (example {longest.example_id}): a prompt of {n} tokens + "
+            f"{new_tokens} new token(s) exceeds the model's context of {limit}; lower --k or shorten "
+            "the task's inputs"
+        )
+
+
+def load_adapter(adapter_dir: str | Path, device: str | None = None,
+                 model: str | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """Load a distilled adapter onto its base model; returns (model, tokenizer, run.json).
+
+    Args:
+        adapter_dir: the distill output directory.
+        device: where to load it.
+        model: the base model to load it onto; default the one it was trained on. Refused
+            (IA2Error) when its weights are not the ones the adapter's cache was collected from.
+    """
     from peft import PeftModel
 
-    from ia2cache.models import load_model
+    from ia2cache.models import load_model, load_tokenizer
 
     folder = Path(adapter_dir).expanduser()
     run_file = folder / "run.json"
     if not (folder / "adapter_config.json").is_file():
         raise IA2Error(f"--adapter {folder}: no adapter_config.json (not an adapter directory)")
     record = json.loads(run_file.read_text()) if run_file.is_file() else {}
-    loaded = load_model(record.get("model_spec", "default"), device=device)
+    trained_on = (record.get("cache_manifest") or {}).get("model") or {}
+    if model is not None and trained_on.get("fingerprint"):
+        info = load_tokenizer(model)[1]
+        if info.fingerprint != trained_on["fingerprint"]:
+            raise IA2Error(
+                f"--adapter {folder} was trained on model {trained_on.get('name')!r} (fingerprint "
+                f"{trained_on['fingerprint']}), but --model {model} has fingerprint {info.fingerprint}: "
+                "leave --model out to use the adapter's own base model"
+            )
+    loaded = load_model(model or record.get("model_spec", "default"), device=device)
     model = PeftModel.from_pretrained(loaded.model, folder)
     model.eval()
     return model, loaded.tokenizer, record

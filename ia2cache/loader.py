@@ -29,6 +29,7 @@ Launch: ``for batch in CacheLoader("<store>/<key>", LoaderConfig(batch_size=4)):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import queue
@@ -104,6 +105,18 @@ class LoaderConfig:
     """Rows read per zarr call and permuted as one unit; None: the cache's chunk. A multiple of
     the chunk, e.g. the shard, amortises zarr's per-call cost (1-2 ms) on big caches at the price
     of coarser shuffling (the shuffle buffer still mixes rows within its window)."""
+    rank: int = 0
+    """Data-parallel rank (torchrun): each batch holds only this rank's share of the global batch."""
+    world_size: int = 1
+    """Data-parallel ranks. Batch k of the epoch is the same global batch of ``batch_size`` rows
+    as in one process; rank r gets its rows r, r+W, ... (the order is unchanged)."""
+    checksums: bool = True
+    """Check every chunk read against its sha256 in the ledger; a damaged chunk (flipped bytes, a
+    truncated or deleted shard file) raises IA2Error naming the array and rows. Hashing runs in
+    the reader thread, beside training."""
+    skip_damaged: bool = False
+    """Train without the rows of damaged chunks instead of failing: the split is read once up
+    front to find them, and how many rows are dropped is logged (:attr:`CacheLoader.skipped_rows`)."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -123,6 +136,10 @@ class LoaderConfig:
             raise IA2Error(f"prefetch {self.prefetch}: must be at least 1")
         if self.dtype not in TORCH_DTYPES:
             raise IA2Error(f"loader dtype {self.dtype!r}: choose one of {', '.join(TORCH_DTYPES)}")
+        if self.skip_damaged and not self.checksums:
+            raise IA2Error("--skip-damaged needs checksums on: damage is found through them")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise IA2Error(f"rank {self.rank} of world size {self.world_size}: need 0 <= rank < world")
 
 
 @dataclass
@@ -153,6 +170,8 @@ class Batch:
     """(B, P, K) float32 teacher top-k log-probs, or None."""
     topk_ids: torch.Tensor | None = None
     """(B, P, K) int64 their token ids (pads are 0), or None."""
+    global_rows: int = 0
+    """Rows of the global batch this batch is a share of (data-parallel ranks); equals B alone."""
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -160,8 +179,8 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """A copy with every tensor on ``device``."""
 
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=non_blocking)
+        def move(t: Any) -> Any:
+            return t.to(device, non_blocking=non_blocking) if isinstance(t, torch.Tensor) else t
 
         kw: dict[str, Any] = {f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "acts"}
         kw["acts"] = {i: move(a) for i, a in self.acts.items()}
@@ -246,13 +265,16 @@ class _Assembler:
             idx = torch.from_numpy(self.local_of[off])
             out = {k: self.blocks[bid].data[k].index_select(0, idx) for k in keys}
         else:
-            # Gather block by block, then put the rows back in batch order.
-            inv = torch.from_numpy(np.argsort(np.concatenate(list(groups.values()))))
+            # Gather block by block straight into the batch's rows: one copy per byte moved.
             locs = {b: torch.from_numpy(self.local_of[off[g]]) for b, g in groups.items()}
+            dest = {b: torch.from_numpy(g) for b, g in groups.items()}
 
             def gather(k: str) -> torch.Tensor:
-                parts = [self.blocks[b].data[k].index_select(0, locs[b]) for b in groups]
-                return torch.cat(parts).index_select(0, inv)
+                first = self.blocks[next(iter(groups))].data[k]
+                out = first.new_empty((len(rows), *first.shape[1:]))
+                for b in groups:
+                    out.index_copy_(0, dest[b], self.blocks[b].data[k].index_select(0, locs[b]))
+                return out
 
             out = {k: gather(k) for k in keys}
         self.pending[off] = False
@@ -352,6 +374,8 @@ class CacheLoader:
     """Peak rows held decoded by the assembler (queue not included)."""
     max_chunks_held: int
     """Peak decoded data in chunk units: ceil(rows held / rows_per_chunk) + chunks queued."""
+    skipped_rows: int
+    """Rows of the split left out because a chunk holding them is damaged (``skip_damaged``)."""
 
     def __init__(
         self,
@@ -389,6 +413,14 @@ class CacheLoader:
             self.cache.array(p)  # open once here, not concurrently in reader threads
         if config.dtype == "float16":
             self._check_fp16()
+        self._ledger: dict[int, dict] = {}
+        # (array, first row of chunk) -> why it is damaged; rows of the split still used.
+        self._damaged: dict[tuple[str, int], str] = {}
+        self._good: np.ndarray | None = None
+        self.skipped_rows = 0
+        if config.skip_damaged:
+            self._scan_damage()
+        self._check_shares()  # after the scan: skipped rows leave every epoch's order
         self.epoch = 0
         self.position = 0
         self._tokens: dict[str, torch.Tensor] | None = None
@@ -423,6 +455,12 @@ class CacheLoader:
         log.warning("%s; going on (--allow-model-mismatch)", msg)
 
     def _split_rows(self, manifest: dict) -> range:
+        if manifest.get("split", "train") != "train":
+            raise IA2Error(
+                f"cache {self.cache.path} holds {manifest.get('split')} rows (collect --split "
+                f"{manifest.get('split')}), for `ia2cache analyze`; distill needs a train cache: "
+                "collect it without --split"
+            )
         try:
             n_train, n_dev = int(manifest["n_train"]), int(manifest["n_dev"])
         except (KeyError, TypeError, ValueError):
@@ -435,6 +473,19 @@ class CacheLoader:
         if not rows:
             raise IA2Error(f"cache {self.cache.path} has no {self.config.split} rows")
         return rows
+
+    def _check_shares(self) -> None:
+        """With several ranks, every rank must get at least one row of every batch."""
+        w, bs, n = self.config.world_size, self.config.batch_size, len(self._rows) - self.skipped_rows
+        if w == 1:
+            return
+        tail = 0 if self.config.drop_last else n % bs
+        if bs < w or n < w or 0 < tail < w:
+            raise IA2Error(
+                f"--batch-size {bs} with {w} ranks: every rank needs a row of every batch, but the "
+                f"{self.config.split} split has {n} rows (last batch {tail or min(bs, n)}); use a "
+                f"batch size of at least {w} whose last batch has at least {w} rows, or fewer ranks"
+            )
 
     def _resolve_layers(self, manifest: dict) -> tuple[list[int], dict[int, str]]:
         stored = [int(i) for i in manifest["layers"]]
@@ -476,7 +527,8 @@ class CacheLoader:
         return list(self._layers)
 
     def __len__(self) -> int:
-        n, bs = len(self._rows), self.config.batch_size
+        n = len(self._rows) - self.skipped_rows
+        bs = self.config.batch_size
         return n // bs if self.config.drop_last else math.ceil(n / bs)
 
     def _chunks(self) -> list[tuple[int, int]]:
@@ -489,8 +541,12 @@ class CacheLoader:
 
     def _order(self, epoch: int) -> np.ndarray:
         if not self.config.shuffle:
-            return np.arange(self._rows.start, self._rows.stop, dtype=np.int64)
-        return _shuffle_rows(self._chunks(), self.config.shuffle_buffer, _rng(self.config.seed, epoch))
+            order = np.arange(self._rows.start, self._rows.stop, dtype=np.int64)
+        else:
+            order = _shuffle_rows(self._chunks(), self.config.shuffle_buffer, _rng(self.config.seed, epoch))
+        if self._good is not None:  # damaged rows leave the order; the rest keep theirs
+            order = order[self._good[order - self._rows.start]]
+        return order
 
     def order(self, epoch: int) -> list[int]:
         """The row order of ``epoch``; computed without reading data."""
@@ -530,7 +586,7 @@ class CacheLoader:
         a, b = self._rows.start, self._rows.stop
         out = {}
         for k in _TOKENS:
-            x = torch.from_numpy(self.cache.read(f"tokens/{k}", a, b).astype(np.int64))
+            x = torch.from_numpy(self._read(f"tokens/{k}", a, b).astype(np.int64))
             if k.endswith("_ids"):
                 x = x.masked_fill(x < 0, self.pad_id)
             elif k == "student_positions":
@@ -539,26 +595,109 @@ class CacheLoader:
         return out
 
     def _read_chunk(self, a: int, b: int) -> dict[str, torch.Tensor]:
-        """Rows [a, b) of the asked layers (decoded to the training dtype) and top-k; in the thread.
-        Batches are gathered copies, so a kept chunk is never modified by its consumers."""
+        """Rows [a, b) of the asked layers (in their stored dtype: bf16 stays bf16 until a batch
+        is cut, so gathers move half the bytes) and top-k; in the thread. Batches are gathered
+        copies, so a kept chunk is never modified by its consumers."""
         if self._memo is not None and (a, b) in self._memo:
             return self._memo[(a, b)]
-        dtype = TORCH_DTYPES[self.config.dtype]
         out: dict[str, torch.Tensor] = {}
         for i, p in self._act_paths.items():
-            raw = self.cache.read(p, a, b)
+            raw = self._read(p, a, b)
             self.bytes_read += raw.nbytes
-            out[f"acts.{i}"] = decode_activations(raw, self.cache.specs[p].logical_dtype).to(dtype)
+            out[f"acts.{i}"] = decode_activations(raw, self.cache.specs[p].logical_dtype)
         if self._topk:
             out["topk_values"] = torch.from_numpy(
-                self.cache.read("logits/topk_values", a, b).astype(np.float32)
+                self._read("logits/topk_values", a, b).astype(np.float32)
             )
-            ids = torch.from_numpy(self.cache.read("logits/topk_ids", a, b).astype(np.int64))
+            ids = torch.from_numpy(self._read("logits/topk_ids", a, b).astype(np.int64))
             out["topk_ids"] = ids.masked_fill(ids < 0, 0)
         self.chunks_read += 1
         if self._memo is not None:
             self._memo[(a, b)] = out
         return out
+
+    def _read(self, path: str, a: int, b: int) -> np.ndarray:
+        """Rows [a, b) of ``path``, each chunk they touch checked against the ledger.
+
+        Whole chunks are read (a chunk cut by the split boundary too), since checksums cover
+        whole chunks. A chunk known damaged under ``skip_damaged`` reads as zeros: its rows never
+        reach a batch.
+        """
+        if not self.config.checksums:
+            return self.cache.read(path, a, b)
+        rpc = self.cache.rows_per_chunk
+        lo, hi = a // rpc * rpc, min(-(-b // rpc) * rpc, self.cache.n_rows)
+        try:
+            raw: np.ndarray | None = self.cache.read(path, lo, hi)
+        except OSError:
+            raise  # the file system failing is not damage to skip
+        except Exception:  # undecodable bytes: find the chunk below
+            raw = None
+        parts = []
+        for c0 in range(lo, hi, rpc):
+            c1 = min(c0 + rpc, hi)
+            part, reason = self._check_chunk(path, c0, c1, None if raw is None else raw[c0 - lo : c1 - lo])
+            if reason is not None:
+                if (path, c0) not in self._damaged:
+                    raise IA2Error(self._damage_message(path, c0, c1, reason))
+                spec = self.cache.specs[path]
+                part = np.zeros((c1 - c0, *spec.shape), dtype=spec.dtype)
+            parts.append(part)
+        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        return out[a - lo : b - lo]
+
+    def _check_chunk(self, path: str, c0: int, c1: int, data: np.ndarray | None) -> tuple[Any, str | None]:
+        """(the chunk's rows, None) if they match the ledger's checksum, else (None, why not)."""
+        if data is None:
+            try:
+                data = self.cache.read(path, c0, c1)
+            except OSError:
+                raise
+            except Exception as e:
+                return None, f"unreadable ({type(e).__name__}: {e})"
+        shard = c0 // self.cache.rows_per_shard
+        try:
+            if shard not in self._ledger:
+                self._ledger[shard] = self.cache._ledger_entry(shard)
+            s0 = self.cache.shard_rows(shard)[0]
+            want = self._ledger[shard]["arrays"][path]["chunks"][(c0 - s0) // self.cache.rows_per_chunk]
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            return None, f"the ledger entry of shard {shard} is unusable ({type(e).__name__}: {e})"
+        if hashlib.sha256(np.ascontiguousarray(data).data).hexdigest() != want:
+            return None, "checksum mismatch (flipped bytes, or a truncated or deleted shard file)"
+        return data, None
+
+    def _damage_message(self, path: str, c0: int, c1: int, reason: str) -> str:
+        return (
+            f"cache {self.cache.path}: array {path} rows [{c0}, {c1}) are damaged: {reason}; run "
+            f"`ia2cache verify {self.cache.path}` and collect the cache again, or pass --skip-damaged "
+            f"(LoaderConfig(skip_damaged=True)) to train without those rows"
+        )
+
+    def _scan_damage(self) -> None:
+        """Read the split's chunks of every array the loader uses once; leave out damaged rows."""
+        r, rpc = self._rows, self.cache.rows_per_chunk
+        paths = [f"tokens/{k}" for k in _TOKENS] + list(self._act_paths.values())
+        paths += [f"logits/{k}" for k in _TOPK] if self._topk else []
+        bad = np.zeros(len(r), dtype=bool)
+        for c0 in range(r.start // rpc * rpc, r.stop, rpc):
+            c1 = min(c0 + rpc, self.cache.n_rows)
+            for p in paths:
+                _, reason = self._check_chunk(p, c0, c1, None)
+                if reason is not None:
+                    self._damaged[(p, c0)] = reason
+                    bad[max(c0, r.start) - r.start : min(c1, r.stop) - r.start] = True
+                    log.warning("cache %s: array %s rows [%d, %d) are damaged: %s",
+                                self.cache.path, p, c0, c1, reason)
+        self.skipped_rows = int(bad.sum())
+        if self.skipped_rows == len(r):
+            raise IA2Error(
+                f"cache {self.cache.path}: every {self.config.split} row is damaged; collect it again"
+            )
+        if self.skipped_rows:
+            log.warning("skipping %d of %d %s rows of cache %s: they sit in damaged chunks (--skip-damaged)",
+                        self.skipped_rows, len(r), self.config.split, self.cache.path)
+            self._good = ~bad
 
     def _get(self, q: queue.Queue, thread: threading.Thread) -> tuple[int, int, dict[str, torch.Tensor]]:
         t0 = time.perf_counter()
@@ -591,7 +730,14 @@ class CacheLoader:
             self._tokens = self._read_tokens()
             self.wait_seconds += time.perf_counter() - t0
         order = self._order(epoch)
-        todo = order[start * bs : n_batches * bs]
+        rk, w = self.config.rank, self.config.world_size
+        # Batch k is order[k*bs:(k+1)*bs] as in one process; this rank keeps its rows r, r+W, ...
+        shares = {k: order[k * bs : (k + 1) * bs][rk::w] for k in range(start, n_batches)}
+        sizes = {k: min(bs, len(order) - k * bs) for k in shares}
+        todo = np.concatenate([shares[k] for k in range(start, n_batches)]) if shares else order[:0]
+        batch_of = np.concatenate(
+            [np.full(len(shares[k]), k, dtype=np.int64) for k in range(start, n_batches)]
+        ) if shares else np.zeros(0, dtype=np.int64)
         pending = np.zeros(len(self._rows), dtype=bool)
         pending[todo - self._rows.start] = True
         # Chunks in the order the remaining batches first need them; the batch that needs each.
@@ -599,7 +745,7 @@ class CacheLoader:
         by_need = np.argsort(first, kind="stable")
         rpc, r = self._unit, self._rows
         chunks = [(max(int(c) * rpc, r.start), min((int(c) + 1) * rpc, r.stop)) for c in cid[by_need]]
-        need_at = (start + first[by_need] // bs).tolist()
+        need_at = batch_of[first[by_need]].tolist()
         q: queue.Queue = queue.Queue(maxsize=self.config.prefetch)
         stop = threading.Event()
         thread = threading.Thread(
@@ -622,8 +768,9 @@ class CacheLoader:
                 self.max_rows_held = max(self.max_rows_held, asm.rows_held)
                 held = math.ceil(asm.rows_held / rpc) + q.qsize()
                 self.max_chunks_held = max(self.max_chunks_held, held)
-                rows = order[k * bs : (k + 1) * bs]
+                rows = shares[k]
                 batch = self._batch(rows, asm.take(rows))
+                batch.global_rows = sizes[k]
                 self.position = k + 1
                 yield batch
         finally:
@@ -652,7 +799,7 @@ class CacheLoader:
             target_len=t["target_len"],
             student_positions=t["student_positions"],
             position_mask=torch.arange(p)[None, :] < t["positions_len"][:, None],
-            acts={i: data[f"acts.{i}"] for i in self._layers},
+            acts={i: data[f"acts.{i}"].to(TORCH_DTYPES[self.config.dtype]) for i in self._layers},
             topk_values=data.get("topk_values"),
             topk_ids=data.get("topk_ids"),
         )

@@ -3,7 +3,9 @@
 Rows are N, columns ICL / base / SFT / IA2 / IA2->SFT / IA2+SFT (and any other method swept),
 cells mean +- std over data seeds of accuracy and ECE (equal-mass bins, the paper's; the
 equal-width table follows). Plots (PNG, matplotlib): accuracy vs N and ECE vs N per method,
-and one reliability diagram per method pooling every seed and N.
+and one reliability diagram per method pooling every seed and N. When ``<DIR>/analysis/`` holds
+``ia2cache analyze`` outputs, the report adds their tables and plots and a scatter of activation
+similarity vs accuracy and ECE (see ``ia2cache.analyze.report_section``).
 
 Launch: ``ia2cache report DIR``.
 """
@@ -143,14 +145,26 @@ def _reliability(preds: Path, task: str, folder: Path, plt: Any, n_bins: int = 1
     return path
 
 
+def _labelled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Cells scored on another task (``sweep --eval-task``) are shown as ``train->eval``."""
+    return [dict(r, task=f"{r['task']}->{r['eval_task']}") if r.get("eval_task") not in (None, r["task"])
+            else r for r in rows]
+
+
 def report(folder: str | Path) -> dict[str, Any]:
     """Write ``report.md`` and PNG plots into the sweep directory; return their paths."""
     out = Path(folder).expanduser()
     rows = read_results(out)
     if not rows:
         raise IA2Error(f"{out}: no results.jsonl with finished cells (run `ia2cache sweep` first)")
-    md = markdown(rows)
+    from ia2cache.analyze import report_section
+
+    md = markdown(_labelled(rows))
+    # <out>/analysis/ (ia2cache analyze ... --out <out>/analysis): similarity tables, plots, scatter.
+    analysis_md, analysis_pngs = report_section(out, rows)
+    if analysis_md:
+        md = md + "\n" + analysis_md
     (out / "report.md").write_text(md + "\n")
-    pngs = plots(rows, out, out / "preds")
+    pngs = plots(_labelled(rows), out, out / "preds") + analysis_pngs
     return {"report": str(out / "report.md"), "plots": [str(p) for p in pngs], "cells": len(rows),
             "markdown": md}

@@ -19,10 +19,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ia2cache._io import check_writable_dir
 from ia2cache.collect import CollectConfig, collect
 from ia2cache.distill import DistillConfig, distill
 from ia2cache.errors import IA2Error
-from ia2cache.evaluate import EvalConfig, evaluate, load_adapter
+from ia2cache.evaluate import EvalConfig, evaluate, load_adapter, ood_task
 from ia2cache.models import load_model
 from ia2cache.objectives import SCHEDULES
 from ia2cache.prompts import PromptConfig
@@ -61,6 +62,9 @@ class SweepConfig:
     """Labels for tok phases."""
     adapter: str = "lora"
     """PEFT adapter type."""
+    eval_task: str | None = None
+    """Score every cell on this task's eval split instead (out of distribution, e.g. train
+    hf:sst2, eval hf:fins); caches, adapters and ICL demos still come from ``task``."""
 
     def __post_init__(self) -> None:
         bad = [m for m in self.methods if m not in SCHEDULES]
@@ -88,7 +92,7 @@ def parse_ints(spec: str, flag: str) -> tuple[int, ...]:
 
 
 def _cell_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    return (row["task"], row["n"], row["seed"], row["method"])
+    return (row["task"], row.get("eval_task", row["task"]), row["n"], row["seed"], row["method"])
 
 
 def read_results(out: Path) -> list[dict[str, Any]]:
@@ -135,26 +139,30 @@ def _icl_k(config: SweepConfig, n: int) -> int:
 
 def sweep(config: SweepConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run every missing cell of the grid; returns counts of cells total/done/skipped."""
-    out = Path(config.out).expanduser()
+    out = check_writable_dir(config.out, "--out")
     out.mkdir(parents=True, exist_ok=True)
     task = load_task(config.task)
-    (out / f"sweep-{task.name}.json").write_text(json.dumps(asdict(config), indent=1, sort_keys=True))
+    # Out of distribution: queries from eval_task, demos (the teacher) from the training task.
+    target = ood_task(task, load_task(config.eval_task)) if config.eval_task else task
+    label = task.name if target is task else f"{task.name}->{target.name}"
+    (out / f"sweep-{label}.json").write_text(json.dumps(asdict(config), indent=1, sort_keys=True))
     done = {_cell_key(r) for r in read_results(out)}
     say = progress or (lambda msg: log.info("%s", msg))
     cells = [("base", 0, 0)] + [(m, n, s) for n in config.ns for s in config.seeds
                                 for m in ("icl", *config.methods)]
-    skipped = sum(1 for m, n, s in cells if (task.name, n, s, m) in done)
+    skipped = sum(1 for m, n, s in cells if (task.name, target.name, n, s, m) in done)
     t0 = time.perf_counter()
     base_model = None
     for method, n, seed in cells:
-        if (task.name, n, seed, method) in done:
+        if (task.name, target.name, n, seed, method) in done:
             continue
-        say(f"{task.name} N={n} seed={seed} {method}")
-        row: dict[str, Any] = {"task": task.name, "n": n, "seed": seed, "method": method}
+        say(f"{label} N={n} seed={seed} {method}")
+        row: dict[str, Any] = {"task": task.name, "eval_task": target.name, "n": n, "seed": seed,
+                               "method": method}
         if method in ("base", "icl"):
             base_model = base_model or load_model(config.model)
             ec = EvalConfig(mode=method, k=_icl_k(config, n), n_eval=config.n_eval, seed=seed)
-            r = evaluate(base_model.model, base_model.tokenizer, task, ec, details=True)
+            r = evaluate(base_model.model, base_model.tokenizer, target, ec, details=True)
         else:
             cache = collect(CollectConfig(model=config.model, task=config.task, n=n, seed=seed,
                                           store=config.store))
@@ -170,14 +178,14 @@ def sweep(config: SweepConfig, progress: Callable[[str], None] | None = None) ->
             model, tok, _ = load_adapter(chosen.adapter)
             ec = EvalConfig(mode="adapter", k=_icl_k(config, n), n_eval=config.n_eval, seed=seed,
                             agreement=True)
-            r = evaluate(model, tok, task, ec, details=True)
+            r = evaluate(model, tok, target, ec, details=True)
             row.update({"lr": lr, "grid": {f"{lr_:g}": res.final["dev_loss"] for lr_, res in runs},
                         "dev_loss": chosen.final["dev_loss"], "best_epoch": chosen.best_epoch,
                         "adapter": chosen.adapter, "cache": cache.key})
         row.update(_metrics(r))
         preds = out / "preds"
         preds.mkdir(exist_ok=True)
-        (preds / f"{task.name}__{method}__n{n}__s{seed}.json").write_text(json.dumps(r["rows"]))
+        (preds / f"{label}__{method}__n{n}__s{seed}.json").write_text(json.dumps(r["rows"]))
         _append(out, row)
     total = len(cells)
     return {"out": str(out), "cells_total": total, "cells_done": total - skipped,

@@ -198,8 +198,16 @@ def load_jsonl(
     )
 
 
+def load_hf_task(spec: str, **kwargs: Any) -> Task:
+    """``hf:NAME[@PATH]``: one of the paper's benchmarks (``ia2cache.tasks.hf``)."""
+    from ia2cache.tasks.hf import load_hf
+
+    return load_hf(spec, **kwargs)
+
+
 TaskLoader = Callable[..., Task]
 TASK_SOURCES: list[tuple[Callable[[str], bool], TaskLoader]] = [
+    (lambda s: s.startswith("hf:"), load_hf_task),
     (lambda s: s.endswith(".jsonl") or Path(s).expanduser().is_file(), load_jsonl),
     (lambda s: s in list_builtin(), load_builtin),
 ]
@@ -214,7 +222,8 @@ def load_task(
     """Load a task by built-in name or JSONL path.
 
     Args:
-        spec: a built-in name (``ia2cache tasks`` lists them) or a path to a ``.jsonl`` file.
+        spec: a built-in name (``ia2cache tasks`` lists them), ``hf:NAME[@PATH]`` for one of the
+            paper's benchmarks (``ia2cache.tasks.hf``), or a path to a ``.jsonl`` file.
         template: overrides the prompt template; must contain ``{input}``.
         separator: overrides the demo separator.
         eval_fraction: for JSONL files, the share of examples held out for evaluation.
@@ -226,6 +235,7 @@ def load_task(
             )
     raise IA2Error(
         f"--task {spec}: unknown task; built-in tasks are {', '.join(list_builtin())}, "
+        "the paper's benchmarks are hf:NAME (ia2cache tasks lists them), "
         "or pass a path to a .jsonl file"
     )
 

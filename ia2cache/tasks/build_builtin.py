@@ -1134,6 +1134,68 @@ def build_first_letter() -> dict:
     return {"card": card, "pool": pool, "eval": evl}
 
 
+# ---------------------------------------------------------------------------------------------
+# 7. arith_word (multi-token: a worked equation, then "#### n")
+# ---------------------------------------------------------------------------------------------
+
+ARITH_NAMES = ["Mia", "Leo", "Ava", "Sam", "Zoe", "Max", "Ivy", "Ben", "Lily", "Tom", "Nora", "Jack"]
+ARITH_PRONOUNS = {"Mia": "she", "Ava": "she", "Zoe": "she", "Ivy": "she", "Lily": "she", "Nora": "she",
+                  "Leo": "he", "Sam": "he", "Max": "he", "Ben": "he", "Tom": "he", "Jack": "he"}
+ARITH_ITEMS = ["apples", "stickers", "marbles", "pencils", "cookies", "books", "shells", "cards",
+               "balloons", "stamps", "coins", "flowers"]
+# (operation, question template); {P} is the capitalised pronoun.
+ARITH_TEMPLATES = [
+    ("+", "{name} has {a} {item}. {P} gets {b} more. How many {item} does {p} have now?"),
+    ("+", "{name} picks {a} {item} in the morning and {b} in the afternoon. How many {item} does {p} "
+          "pick in all?"),
+    ("-", "{name} has {a} {item}. {P} gives {b} to a friend. How many {item} does {p} have left?"),
+    ("-", "{name} buys {a} {item} and loses {b} of them. How many {item} are left?"),
+]
+ARITH_ROWS = 320
+
+
+def build_arith_word() -> dict:
+    rng = random.Random(SEED)
+    seen: dict[str, str] = {}
+    while len(seen) < ARITH_ROWS:
+        op, template = ARITH_TEMPLATES[rng.randrange(len(ARITH_TEMPLATES))]
+        name, item = rng.choice(ARITH_NAMES), rng.choice(ARITH_ITEMS)
+        if op == "+":
+            a, b = rng.randint(2, 12), rng.randint(2, 9)
+        else:
+            a = rng.randint(6, 19)
+            b = rng.randint(2, min(a - 1, 9))
+        p = ARITH_PRONOUNS[name]
+        question = template.format(name=name, item=item, a=a, b=b, p=p, P=p.capitalize())
+        answer = a + b if op == "+" else a - b
+        seen.setdefault(question, f"{a} {op} {b} = {answer}. #### {answer}")
+    pool, evl = split_plain(sorted(seen.items()))
+    card = {
+        "name": "arith_word",
+        "description": (
+            "One-step addition and subtraction word problems; the response is the worked "
+            "equation, then '#### n' (GSM8K's answer format)."
+        ),
+        "source": (
+            "Generated from templates (4 question shapes, 12 names, 12 objects, small numbers) with "
+            "a seeded RNG; every answer is computed, not written."
+        ),
+        "labels": None,
+        "template": "Q: {input}\nA:",
+        "separator": "\n\n",
+        "stop": "\n",
+        "single_token": False,
+        "parser": "hash",
+        "max_new_tokens": 24,
+        "notes": (
+            "Multi-token: scored by exact match of the number after '####' (ia2cache.answers, "
+            "parser 'hash'), so the equation text need not match. Sums up to 21, differences "
+            "from 1 to 17; whole questions never repeat across splits."
+        ),
+    }
+    return {"card": card, "pool": pool, "eval": evl}
+
+
 BUILDERS: dict[str, Callable[[], dict]] = {
     "capitals": build_capitals,
     "sentiment_remap": build_sentiment_remap,
@@ -1141,6 +1203,7 @@ BUILDERS: dict[str, Callable[[], dict]] = {
     "past_tense": build_past_tense,
     "category_remap": build_category_remap,
     "first_letter": build_first_letter,
+    "arith_word": build_arith_word,
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -1197,13 +1260,15 @@ CARD_KEYS = {
     "single_token",
     "notes",
 }
+OPTIONAL_CARD_KEYS = {"parser", "max_new_tokens"}
+"""Multi-token tasks also name their answer parser (ia2cache.answers) and response length T."""
 
 
 def check_all(out_dir: Path = OUT_DIR) -> None:
     """Assert the written data is well formed."""
     for name in BUILDERS:
         card, pool, evl = load_task(name, out_dir)
-        assert set(card) == CARD_KEYS, (name, sorted(set(card) ^ CARD_KEYS))
+        assert CARD_KEYS <= set(card) <= CARD_KEYS | OPTIONAL_CARD_KEYS, (name, sorted(set(card) ^ CARD_KEYS))
         assert card["name"] == name
         assert "{input}" in card["template"], name
         card["template"].format(input="x")
@@ -1238,6 +1303,11 @@ def check_all(out_dir: Path = OUT_DIR) -> None:
     _, pool, evl = load_task("first_letter", out_dir)
     for r in pool + evl:
         assert r["target"] == r["input"][0].lower(), r
+    _, pool, evl = load_task("arith_word", out_dir)
+    for r in pool + evl:
+        a, op, b = r["target"].split(" = ")[0].split(" ")
+        answer = int(a) + int(b) if op == "+" else int(a) - int(b)
+        assert r["target"].endswith(f"= {answer}. #### {answer}") and f" {a} " in f" {r['input']} ", r
     _, pool, evl = load_task("antonyms", out_dir)
     pool_in = {r["input"] for r in pool}
     pairs = {(r["input"], r["target"]) for r in pool + evl}

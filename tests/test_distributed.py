@@ -1,0 +1,256 @@
+"""torchrun: collect split by rank and DDP distill, against single-process runs (gloo, CPU).
+
+The multi-process tests launch the real launcher, ``python -m torch.distributed.run`` (what the
+``torchrun`` script runs), with two ranks on the tiny model: about 50 s together on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from ia2cache import distributed
+from ia2cache.collect import CollectConfig, collect
+from ia2cache.distill import DistillConfig, distill
+from ia2cache.errors import IA2Error
+from ia2cache.loader import CacheLoader, LoaderConfig
+from ia2cache.store import VOLATILE_FIELDS, Cache
+from tests.conftest import write_task
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ["hot", "up", "big", "walk", "go", "France", "Spain", "Italy", "The food was great"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Any]:
+    d = tmp_path_factory.mktemp("dist")
+    write_task(d / "task.jsonl", ((" ".join(WORDS[: 1 + (i * 5) % 9]) + f" {i}", WORDS[(i * 3) % 5])
+                                  for i in range(90)))
+    return {"dir": d, "model": str(tiny_model_dir), "task": str(d / "task.jsonl")}
+
+
+def _collect_args(env: dict[str, Any], store: Path, t: int) -> list[str]:
+    return ["collect", "--model", env["model"], "--task", env["task"], "--n", "12", "--k", "3",
+            "--dtype", "fp32", "--batch-size", "4", "--shard-rows", "8", "--max-new-tokens", str(t),
+            "--store", str(store), "--json"]
+
+
+def _cfg(env: dict[str, Any], store: Path, t: int) -> CollectConfig:
+    return CollectConfig(model=env["model"], task=env["task"], n=12, k=3, dtype="fp32", batch_size=4,
+                         shard_rows=8, max_new_tokens=t, store=str(store))
+
+
+def _launch(args: list[str], home: Path, nproc: int = 2, **extra: str) -> subprocess.CompletedProcess:
+    """Run ``torchrun --standalone --nproc-per-node=N -m ia2cache.cli -- ARGS``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "IA2CACHE_HOME": str(home),
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "IA2CACHE_FAULT"):
+        env.pop(v, None)
+    env.update(extra)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "ia2cache.cli", "--", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _torchrun(args: list[str], home: Path, nproc: int = 2) -> dict[str, Any]:
+    """:func:`_launch` that must succeed; the JSON rank 0 printed."""
+    p = _launch(args, home, nproc)
+    assert p.returncode == 0, f"torchrun failed ({p.returncode}):\n{p.stderr[-4000:]}"
+    lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+    assert len(lines) == 1, f"expected one JSON line (rank 0 only), got {lines}"
+    return {**json.loads(lines[0]), "_stderr": p.stderr}
+
+
+def _one_thread() -> Any:
+    """torchrun runs each rank with OMP_NUM_THREADS=1; the in-process reference does too."""
+    class _Ctx:
+        def __enter__(self) -> None:
+            self.n = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+        def __exit__(self, *exc: Any) -> None:
+            torch.set_num_threads(self.n)
+
+    return _Ctx()
+
+
+def _assert_same_cache(ref_path: str, got_path: str) -> None:
+    """Every array bit for bit, every ledger entry (checksums, stats), the manifest."""
+    a, b = Cache.open(ref_path), Cache.open(got_path)
+    assert b.status == "complete" and b.verify() == []
+    assert sorted(a.specs) == sorted(b.specs)
+    for p in a.specs:
+        x, y = a.read(p, 0, a.n_rows), b.read(p, 0, b.n_rows)
+        assert x.dtype == y.dtype and x.shape == y.shape, p
+        assert x.tobytes() == y.tobytes(), f"{p} differs"
+    assert a.done_shards() == b.done_shards() == set(range(a.n_shards))
+    for s in range(a.n_shards):
+        ea, eb = a._ledger_entry(s), b._ledger_entry(s)
+        ea.pop("written")
+        eb.pop("written")
+        assert ea == eb, f"ledger entry of shard {s} differs"
+    ma = {k: v for k, v in a.manifest.items() if k not in VOLATILE_FIELDS}
+    mb = {k: v for k, v in b.manifest.items() if k not in VOLATILE_FIELDS}
+    assert ma == mb
+
+
+# ----------------------------------------------------------------------------- no processes
+
+
+def test_helpers_are_no_ops_in_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    for v in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(v, raising=False)
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert distributed.init() is False
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    assert distributed.all_reduce_sum([1, 2.5]) == [1.0, 2.5]
+    assert distributed.my_share([3, 5, 8]) == [3, 5, 8]
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("RANK", "1")
+    assert distributed.my_share(list(range(8))) == [1, 4, 7]
+    assert not distributed.is_main()
+    monkeypatch.setenv("RANK", "3")
+    with pytest.raises(IA2Error, match="RANK=3"):
+        distributed.rank()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(IA2Error, match="WORLD_SIZE='two'"):
+        distributed.world_size()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(IA2Error, match="torchrun"):
+        distributed.init()
+
+
+@pytest.fixture(scope="module")
+def t1_cache(env: dict[str, Any]) -> str:
+    with _one_thread():
+        return collect(_cfg(env, env["dir"] / "ref1", t=1)).cache
+
+
+def test_loader_shares_partition_each_global_batch(t1_cache: str) -> None:
+    base = dict(batch_size=4, seed=3, layers=(1,))
+    one = CacheLoader(t1_cache, LoaderConfig(**base))
+    ranks = [CacheLoader(t1_cache, LoaderConfig(**base, rank=r, world_size=2)) for r in (0, 1)]
+    for epoch in (0, 1):
+        for ld in (one, *ranks):
+            ld.set_epoch(epoch)
+        single = list(one)
+        shares = [list(ld) for ld in ranks]
+        assert len(shares[0]) == len(shares[1]) == len(single) == len(one)
+        for k, batch in enumerate(single):
+            r0, r1 = shares[0][k], shares[1][k]
+            assert r0.rows.tolist() == batch.rows.tolist()[0::2]
+            assert r1.rows.tolist() == batch.rows.tolist()[1::2]
+            assert r0.global_rows == r1.global_rows == len(batch) == batch.global_rows
+            torch.testing.assert_close(torch.cat([r0.acts[1], r1.acts[1]]),
+                                       batch.acts[1][[*range(0, len(batch), 2), *range(1, len(batch), 2)]])
+
+
+def test_loader_refuses_a_rank_without_rows(t1_cache: str) -> None:
+    # 12 train rows, batch 5: the last batch has 2 rows, fewer than 3 ranks.
+    with pytest.raises(IA2Error, match="--batch-size 5 with 3 ranks"):
+        CacheLoader(t1_cache, LoaderConfig(batch_size=5, rank=0, world_size=3))
+    with pytest.raises(IA2Error, match="rank 2 of world size 2"):
+        LoaderConfig(rank=2, world_size=2)
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def test_torchrun_collect_equals_single_process(env: dict[str, Any], tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """T=3 (batched decode path), 18 rows in 3 shards: rank 0 writes 2, rank 1 writes 1."""
+    with _one_thread():
+        ref = collect(_cfg(env, tmp_path / "ref", t=3))
+    got = _torchrun(_collect_args(env, tmp_path / "ddp", t=3), tmp_path / "home")
+    assert (got["key"], got["status"], got["reused"]) == (ref.key, "complete", False)
+    assert got["rows_computed"] == 18 and got["shards_computed"] == 3  # summed over the ranks
+    _assert_same_cache(ref.cache, got["cache"])
+
+    # Resume: a single-process run stopped by a write error after its first shard leaves the
+    # cache partial; torchrun finishes the two missing shards, one per rank.
+    real_write = Cache.write_shard
+    calls = {"n": 0}
+
+    def failing(self: Cache, shard: int, data: dict) -> None:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(28, "No space left on device")
+        real_write(self, shard, data)
+
+    monkeypatch.setattr(Cache, "write_shard", failing)
+    with _one_thread(), pytest.raises(IA2Error, match="left partial"):
+        collect(_cfg(env, tmp_path / "resume", t=3))
+    monkeypatch.undo()
+    partial = Cache.open(tmp_path / "resume" / ref.key)
+    assert partial.status == "partial" and partial.done_shards() == {0}
+    # Another job holds the cache lock: rank 0 cannot take it, and every rank exits with the
+    # lock's message instead of waiting at a barrier.
+    with partial.lock():
+        p = _launch(_collect_args(env, tmp_path / "resume", t=3), tmp_path / "home")
+    assert p.returncode != 0
+    assert p.stderr.count("another ia2cache process is writing") >= 2, p.stderr[-3000:]
+    assert Cache.open(partial.path).done_shards() == {0}  # nothing was written
+    again = _torchrun(_collect_args(env, tmp_path / "resume", t=3), tmp_path / "home")
+    assert again["shards_computed"] == 2 and again["rows_computed"] == 10
+    _assert_same_cache(ref.cache, again["cache"])
+
+
+def test_torchrun_distill_matches_single_process(env: dict[str, Any], t1_cache: str,
+                                                 tmp_path: Path) -> None:
+    """Same global batch (4 rows = 2 per rank): the same losses and adapter within fp32 rounding,
+    also when the job is killed in phase 2 and resumed from rank 0's checkpoint."""
+    common = dict(cache=t1_cache, method="a2t", epochs=2, batch_size=4, lr=1e-3, device="cpu")
+    with _one_thread():
+        one = distill(DistillConfig(**common, out=str(tmp_path / "one")))
+    args = ["distill", "--cache", t1_cache, "--method", "a2t", "--epochs", "2", "--batch-size", "4",
+            "--lr", "1e-3", "--device", "cpu", "--out", str(tmp_path / "ddp"), "--json"]
+    # SIGKILL every rank after the 3rd epoch's checkpoint (phase 2, epoch 0), then rerun.
+    killed = _launch(args, tmp_path / "home", IA2CACHE_FAULT="distill.after_checkpoint:3")
+    assert killed.returncode != 0 and not killed.stdout.strip()
+    ddp = tmp_path / "ddp"
+    state = json.loads((ddp / "checkpoint" / "state.json").read_text())
+    assert (state["phase"], state["epoch"]) in {(1, 1), (1, 0)} and not (ddp / "run.json").exists()
+    got = _torchrun(args, tmp_path / "home")
+    assert "resuming" in got["_stderr"]
+    # Only rank 0 wrote: a finished run directory, no checkpoint left behind.
+    assert sorted(p.name for p in ddp.iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert not (ddp / "checkpoint").exists()
+    run = json.loads((ddp / "run.json").read_text())
+    assert got["epochs_run"] == one.epochs_run == [2, 2]
+    for h1, h2 in zip(one.history, run["history"], strict=True):
+        assert (h1["phase"], h1["epoch"]) == (h2["phase"], h2["epoch"])
+        for k in ("train_loss", "dev_loss"):
+            assert h2[k] == pytest.approx(h1[k], rel=1e-5, abs=1e-7), (k, h1, h2)
+    from safetensors.torch import load_file
+
+    w1 = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    w2 = load_file(ddp / "adapter_model.safetensors")
+    assert w1.keys() == w2.keys() and w1
+    moved = 0
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5)
+        moved += int(not torch.equal(w1[k], torch.zeros_like(w1[k])))
+    assert moved > 0
+    # A valid adapter: peft loads it onto the base model and it changes the output.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(env["model"])
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        before = base(input_ids=ids).logits
+        peft = PeftModel.from_pretrained(base, str(ddp))
+        after = peft(input_ids=ids).logits
+    assert not torch.allclose(before, after)
+    assert np.isfinite(after.numpy()).all()
