@@ -96,6 +96,17 @@ def guarded(fn: F) -> F:
             # One unwrapped line: paths and keys in it must survive copy-paste and grep.
             err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code=exc.exit_code) from None
+        except Exception as exc:
+            from ia2cache._fs import is_remote_failure, remote_failure_message
+
+            if not is_remote_failure(exc):
+                raise
+            # A remote client's error outside ia2cache's own calls (zarr's reads and writes):
+            # name the store or cache the user gave.
+            where = kwargs.get("store") or kwargs.get("cache") or "the remote store"
+            err.print(f"[bold red]error:[/] {escape(remote_failure_message(where, exc))}",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -154,8 +165,9 @@ def eval_cmd(
         None, "--eval-task", help="Out-of-distribution: score this task's eval split; ICL demos "
         "(and the teacher for --agreement) still come from --task's pool."),
     model: str | None = typer.Option(
-        None, "--model", help="'default' (when not given), a model directory or a hub id; with --adapter, "
-        "default and required: the adapter's own base model."),
+        None, "--model", help="Base model: 'default', a model directory or a hub id; default 'default'. "
+        "With --adapter: default the adapter's own base model; another one is accepted only when its "
+        "weights are the same (same fingerprint)."),
     icl: bool = typer.Option(False, "--icl", help="Evaluate the base model with k demos (ICL)."),
     base: bool = typer.Option(False, "--base", help="Evaluate the base model without demos."),
     adapter: str | None = typer.Option(None, "--adapter", help="Evaluate a distilled adapter directory."),
@@ -195,7 +207,7 @@ def eval_cmd(
                                   eval_fraction=eval_fraction))
     if adapter is not None:
         net, tok, record = load_adapter(adapter, model=model)
-        info = {"name": record.get("model_spec", "default"), "adapter": str(adapter)}
+        info = {"name": model or record.get("model_spec", "default"), "adapter": str(adapter)}
     else:
         loaded = load_model(model or "default")
         net, tok, info = loaded.model, loaded.tokenizer, loaded.info.to_dict()
@@ -269,6 +281,7 @@ def collect(
     topk_logits: int = typer.Option(0, "--topk-logits", help=_COL["topk_logits"]),
     batch_size: int = typer.Option(8, "--batch-size", help=_COL["batch_size"]),
     shard_rows: int = typer.Option(32, "--shard-rows", help=_COL["shard_rows"]),
+    chunk_rows: int = typer.Option(8, "--chunk-rows", help=_COL["chunk_rows"]),
     template: str | None = typer.Option(None, "--template", help=_COL["template"]),
     separator: str | None = typer.Option(None, "--separator", help=_COL["separator"]),
     eval_fraction: float = typer.Option(0.5, "--eval-fraction", help=_COL["eval_fraction"]),
@@ -297,7 +310,7 @@ def collect(
         eval_fraction=eval_fraction, n=n, k=_parse_k(k), seed=seed, response=response,
         max_new_tokens=max_new_tokens, site=site, layers=layers, positions=positions,
         dtype=dtype, topk_logits=topk_logits, batch_size=batch_size,
-        shard_rows=shard_rows, store=store, split=split, n_eval=n_eval,
+        shard_rows=shard_rows, chunk_rows=chunk_rows, store=store, split=split, n_eval=n_eval,
     )
     with _progress_bar("collect") as bar:
         job = bar.add_task("collect", total=None, tps="-")
@@ -626,9 +639,11 @@ def analyze_similarity(
           --adapter sweep/adapters/antonyms/n8-s0/tok-lr0.001 --out sweep/analysis
     """
     from ia2cache._io import check_writable_dir
-    from ia2cache.analyze import SimilarityConfig, default_name, similarity, write
+    from ia2cache.analyze import SimilarityConfig, check_name, default_name, fmt3, similarity, write
 
     check_writable_dir(out_dir, "--out")  # before minutes of forward passes, not after
+    if name is not None:
+        check_name(name)
     config = SimilarityConfig(cache=cache, adapters=tuple(adapter), base=base, model=model,
                               batch_size=batch_size, store=store, device=device)
     result = similarity(config, progress=lambda label: err.print(f"[bold]measuring[/] {label}"))
@@ -643,8 +658,8 @@ def analyze_similarity(
     for col in ("model", "mean cosine", "mean nMSE", *(f"cos L{i}" for i in picks)):
         table.add_column(col, justify="right")
     for e in result["methods"]:
-        table.add_row(e["label"], f"{e['mean_cosine']:.3f}", f"{e['mean_nmse']:.3f}",
-                      *(f"{e['cosine'][layers.index(i)]:.3f}" for i in picks))
+        table.add_row(e["label"], fmt3(e["mean_cosine"]), fmt3(e["mean_nmse"]),
+                      *(fmt3(e["cosine"][layers.index(i)]) for i in picks))
     out.print(table)
     err.print(f"wrote {files['json']} and {files['png']}")
 
@@ -669,9 +684,10 @@ def analyze_overlap(
       ia2cache analyze overlap --adapter A --adapter B --out sweep/analysis --json | jq .matrix
     """
     from ia2cache._io import check_writable_dir
-    from ia2cache.analyze import overlap, write
+    from ia2cache.analyze import check_name, overlap, write
 
     check_writable_dir(out_dir, "--out")
+    check_name(name)
     result = overlap(adapter)
     files = write(result, out_dir, name, "overlap")
     if json_out:

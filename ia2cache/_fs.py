@@ -18,7 +18,13 @@ What differs from a local store (see README "Scale-out"):
   fall back to exists-then-write, which is not atomic). It holds the holder's host, pid and
   start time and is deleted on release. A lock left by a killed process on the same host
   (its pid is gone) is taken over; one from another host is refused with its URL, to be deleted
-  by hand. Rule: one writer job per cache key (a torchrun job counts as one: rank 0 holds it).
+  by hand. The takeover replaces the stale object only if it is still the one read (S3: a PUT
+  with ``If-Match`` on its ETag; other backends re-read it just before), and every taker reads
+  the lock back after writing it, so of two processes taking over the same stale lock exactly
+  one holds it. Rule: one writer job per cache key (a torchrun job counts as one: rank 0 holds it).
+- **Errors** of the remote client that are not ``OSError`` (botocore's ``NoCredentialsError``,
+  ``EndpointConnectionError``, ...) become an :class:`IA2Error` naming the URL (exit 2 from the
+  CLI); ``OSError`` s get the URL as their file name.
 - **Listings** (which ledger entries exist) bypass fsspec's listing cache, since other
   processes write the same prefix.
 
@@ -40,7 +46,40 @@ from typing import Any
 
 from ia2cache.errors import IA2Error
 
-__all__ = ["Location", "RemotePath", "is_url", "location", "remote_lock", "write_json"]
+__all__ = ["Location", "RemotePath", "is_remote_failure", "is_url", "location", "remote_lock", "write_json"]
+
+_CLIENT_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure", "aiohttp")
+
+
+def is_remote_failure(exc: BaseException) -> bool:
+    """True for an error raised by a remote-storage client library (credentials, endpoint,
+    network) that is not an ``OSError`` (those carry their own file name)."""
+    if isinstance(exc, OSError | IA2Error):
+        return False
+    return any(type(exc).__module__.split(".")[0] == m for m in _CLIENT_MODULES) or any(
+        c.__module__.split(".")[0] in _CLIENT_MODULES for c in type(exc).__mro__[1:])
+
+
+def remote_failure_message(where: object, exc: BaseException) -> str:
+    """One line for a failed remote call: the URL, the client's error, and what to check."""
+    return (f"{where}: the remote store failed ({type(exc).__name__}: {exc}); check the credentials "
+            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, ~/.aws, AWS_PROFILE), the endpoint "
+            "(AWS_ENDPOINT_URL) and the network")
+
+
+@contextlib.contextmanager
+def _remote_errors(where: object) -> Iterator[None]:
+    """Name ``where`` in the errors of the remote client (see the module docstring)."""
+    try:
+        yield
+    except OSError as exc:
+        if not exc.filename:
+            exc.filename = str(where)
+        raise
+    except Exception as exc:
+        if is_remote_failure(exc):
+            raise IA2Error(remote_failure_message(where, exc)) from exc
+        raise
 
 
 def is_url(x: object) -> bool:
@@ -128,29 +167,43 @@ class RemotePath:
         with contextlib.suppress(Exception):
             self.fs.invalidate_cache(self.path)
 
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """``self.fs.<method>(self.path, ...)`` with the client's errors naming this URL."""
+        with _remote_errors(self):
+            return getattr(self.fs, method)(self.path, *args, **kwargs)
+
     def exists(self) -> bool:
         self._fresh()
-        return bool(self.fs.exists(self.path))
+        return bool(self._call("exists"))
 
     def is_file(self) -> bool:
         self._fresh()
-        return bool(self.fs.isfile(self.path))
+        try:  # not fs.isfile: it answers False to any error, a missing credential included
+            return self._call("info").get("type") == "file"
+        except FileNotFoundError:
+            return False
 
     def is_dir(self) -> bool:
         self._fresh()
-        return bool(self.fs.isdir(self.path))
+        return bool(self._call("isdir"))
 
     def iterdir(self) -> Iterator[RemotePath]:
         self._fresh()
         try:
-            names = self.fs.ls(self.path, detail=False)
+            names = self._call("ls", detail=False)
         except FileNotFoundError:
             return iter(())
         mine = self.path.rstrip("/")
         return iter(self._child(n.rstrip("/")) for n in names if n.rstrip("/") != mine)
 
     def read_bytes(self) -> bytes:
-        return bytes(self.fs.cat_file(self.path))
+        return bytes(self._call("cat_file"))
+
+    def etag(self) -> str | None:
+        """The object's ETag (S3), or None where the backend has none."""
+        self._fresh()
+        tag = self._call("info").get("ETag")
+        return str(tag) if tag else None
 
     def read_text(self, encoding: str = "utf-8") -> str:
         return self.read_bytes().decode(encoding)
@@ -159,7 +212,7 @@ class RemotePath:
         """Bytes of every object under this prefix."""
         self._fresh()
         try:
-            return int(self.fs.du(self.path, total=True))
+            return int(self._call("du", total=True))
         except FileNotFoundError:
             return 0
 
@@ -172,19 +225,22 @@ class RemotePath:
         if self.protocol in _OBJECT_STORES:
             return
         try:
-            self.fs.makedirs(self.path, exist_ok=True)
+            self._call("makedirs", exist_ok=True)
         except FileExistsError:
             if not exist_ok:
                 raise
 
-    def write_bytes(self, data: bytes, create_only: bool = False) -> None:
-        """One PUT of the whole object (atomic on S3); ``create_only`` fails if it exists."""
-        self.fs.pipe_file(self.path, data, mode="create" if create_only else "overwrite")
+    def write_bytes(self, data: bytes, create_only: bool = False, if_match: str | None = None) -> None:
+        """One PUT of the whole object (atomic on S3); ``create_only`` fails if it exists;
+        ``if_match`` (S3 only) replaces it only if its ETag is still that one, and raises
+        ``OSError`` otherwise."""
+        extra = {"IfMatch": if_match} if if_match is not None else {}
+        self._call("pipe_file", data, mode="create" if create_only else "overwrite", **extra)
         self._fresh()
 
     def unlink(self, missing_ok: bool = False) -> None:
         try:
-            self.fs.rm_file(self.path)
+            self._call("rm_file")
         except FileNotFoundError:
             if not missing_ok:
                 raise
@@ -232,6 +288,39 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _read_holder(lock: RemotePath) -> dict[str, Any]:
+    try:
+        holder = json.loads(lock.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _take_over(lock: RemotePath, stale: dict[str, Any], body: bytes) -> bool:
+    """Replace the stale lock object ``stale`` by ``body``, only if it is still that one.
+
+    S3: one PUT with ``If-Match`` on the ETag read, atomic; a second taker's PUT fails its
+    precondition. Other backends (no conditional PUT in fsspec): re-read the holder and, if it
+    is still the stale one, delete it and create ours; the caller reads the lock back."""
+    if lock.protocol in ("s3", "s3a"):
+        try:
+            tag = lock.etag()
+            if tag is None or _read_holder(lock).get("token") != stale.get("token"):
+                return False
+            lock.write_bytes(body, if_match=tag)
+        except OSError:  # FileNotFoundError, or 412 Precondition Failed: someone else was first
+            return False
+        return True
+    if _read_holder(lock).get("token") != stale.get("token"):
+        return False
+    lock.unlink(missing_ok=True)
+    try:
+        lock.write_bytes(body, create_only=True)
+    except FileExistsError:
+        return False
+    return True
+
+
 @contextlib.contextmanager
 def remote_lock(cache: RemotePath) -> Iterator[None]:
     """Hold ``<cache>/.lock`` (conditional create) while writing a remote cache."""
@@ -244,26 +333,31 @@ def remote_lock(cache: RemotePath) -> Iterator[None]:
             lock.write_bytes(body, create_only=True)
             break
         except FileExistsError:
-            try:
-                holder = json.loads(lock.read_text())
-            except (FileNotFoundError, ValueError):
-                holder = {}
+            holder = _read_holder(lock)
             stale = (
                 holder.get("host") == me["host"]
                 and isinstance(holder.get("pid"), int)
                 and not _pid_alive(holder["pid"])
             )
+            if stale and attempt == 0 and _take_over(lock, holder, body):
+                break  # its holder on this host is gone: taken over
             if stale and attempt == 0:
-                lock.unlink(missing_ok=True)  # its holder on this host is gone: take it over
-                continue
+                continue  # another process took it over first: read who holds it now
             raise IA2Error(
                 f"another ia2cache process is writing {cache} (lock object {lock}, host "
                 f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}); wait for it, or delete "
                 f"the lock object if that process is gone"
             ) from None
+    holder = _read_holder(lock)
+    if holder.get("token") != me["token"]:  # lost a race with another taker: theirs is stored
+        raise IA2Error(
+            f"another ia2cache process is writing {cache} (lock object {lock}, host "
+            f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}); it took the lock at the same "
+            "moment as this one"
+        )
     try:
         yield
     finally:
         with contextlib.suppress(Exception):
-            if json.loads(lock.read_text()).get("token") == me["token"]:
+            if _read_holder(lock).get("token") == me["token"]:
                 lock.unlink(missing_ok=True)

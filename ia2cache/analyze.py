@@ -17,6 +17,11 @@ aligned positions; each vector ``s`` is compared with the teacher's cached vecto
 - ``rel_mse``: the same mean ``||s - t||²`` divided by the teacher's mean ``||t||²`` instead
   (relative squared error; 1 means as far as the zero vector).
 
+Where a denominator is zero (the teacher does not vary at a layer, or is the zero vector there)
+the value is undefined and written as JSON ``null``, per layer and per position; ``mean_nmse`` and
+``mean_rel_mse`` are ``null`` when any layer's value is. The output stays valid JSON (no
+``Infinity``/``NaN``).
+
 Both are reported per layer (all positions) and per layer and response position (position t of
 the response; rows whose response is shorter than t+1 do not count there). The base model is
 the reference: an adapter that moved its computation toward ICL scores a higher cosine and a
@@ -78,7 +83,7 @@ class SimilarityConfig:
     batch_size: int = 8
     """Rows per student forward pass."""
     store: str | None = None
-    """Store directory holding --cache; default $IA2CACHE_HOME/store."""
+    """Store directory or fsspec URL (s3://bucket/prefix) holding --cache; default $IA2CACHE_HOME/store."""
     device: str | None = None
     """Device (cpu, cuda); default cuda when available."""
 
@@ -186,7 +191,8 @@ def _variance(cache: Cache, tok: _Tokens, layers: list[int], site: str,
         s1 = v.sum(1) if s1 is None else s1 + v.sum(1)
         s2 += (v * v).sum((1, 2))
         count += v.shape[1]
-    assert s1 is not None
+    if s1 is None or count == 0:
+        raise IA2Error(f"--cache {cache.path}: holds no rows (no teacher activations to compare with)")
     mean = s1 / count
     return (s2 / count - (mean * mean).sum(-1)).numpy(), (s2 / count).numpy()
 
@@ -231,20 +237,22 @@ def _measure(model: Any, pad_id: int, cache: Cache, tok: _Tokens, layers: list[i
 
 
 def _summary(sums: _Sums, var: np.ndarray, energy: np.ndarray) -> dict[str, Any]:
-    cos = sums.cos / sums.count
-    nmse = sums.sq / sums.count / var
-    rel = sums.sq / sums.count / energy
     with np.errstate(invalid="ignore", divide="ignore"):
+        cos = sums.cos / sums.count
+        nmse = sums.sq / sums.count / var
+        rel = sums.sq / sums.count / energy
         cos_t = sums.cos_t / sums.count_t
         nmse_t = sums.sq_t / sums.count_t / var[:, None]
 
     def clean(a: np.ndarray) -> list[Any]:
         return [None if not np.isfinite(x) else round(float(x), 6) for x in a]
 
+    def mean(a: np.ndarray) -> float | None:  # null, not inf/nan (invalid JSON), if any layer is undefined
+        return round(float(a.mean()), 6) if np.isfinite(a).all() else None
+
     return {
         "cosine": clean(cos), "nmse": clean(nmse), "rel_mse": clean(rel),
-        "mean_cosine": round(float(cos.mean()), 6), "mean_nmse": round(float(nmse.mean()), 6),
-        "mean_rel_mse": round(float(rel.mean()), 6),
+        "mean_cosine": mean(cos), "mean_nmse": mean(nmse), "mean_rel_mse": mean(rel),
         "by_position": {"cosine": [clean(row) for row in cos_t], "nmse": [clean(row) for row in nmse_t],
                         "rows": sums.count_t.tolist()},
         "vectors": sums.count,
@@ -252,13 +260,9 @@ def _summary(sums: _Sums, var: np.ndarray, energy: np.ndarray) -> dict[str, Any]
 
 
 def _adapter_record(folder: Path) -> dict[str, Any]:
-    run = folder / "run.json"
-    if not run.is_file():
-        raise IA2Error(f"--adapter {folder}: no run.json (not a distill output directory)")
-    try:
-        return json.loads(run.read_text())
-    except json.JSONDecodeError as exc:
-        raise IA2Error(f"--adapter {run}: not valid JSON ({exc})") from exc
+    from ia2cache.evaluate import read_run_record
+
+    return read_run_record(folder, required=True)
 
 
 def _method_info(folder: Path, record: dict[str, Any]) -> dict[str, Any]:
@@ -289,12 +293,13 @@ def similarity(config: SimilarityConfig, progress: Callable[[str], None] | None 
         JSON-ready: the cache's description, the metric definitions, the teacher's per-layer
         variance and one entry per model (``methods``) with per-layer and per-position values.
     """
+    from ia2cache._fs import location
     from ia2cache.collect import default_store
     from ia2cache.evaluate import load_adapter
     from ia2cache.models import load_model
 
     t0 = time.perf_counter()
-    store = Path(config.store).expanduser() if config.store else default_store()
+    store = location(config.store) if config.store else default_store()  # a directory or an fsspec URL
     cache = Cache.open(resolve_cache(store, config.cache))
     m = cache.manifest
     if cache.status != "complete":
@@ -356,6 +361,11 @@ def similarity(config: SimilarityConfig, progress: Callable[[str], None] | None 
     }
 
 
+def fmt3(x: float | None) -> str:
+    """A metric with 3 decimals, or "–" where it is undefined (null in the JSON)."""
+    return "–" if x is None else f"{x:.3f}"
+
+
 def plot_similarity(result: dict[str, Any], path: Path) -> Path:
     """Cosine and nmse vs layer, one line per model; the ICL teacher is cosine 1 / nmse 0."""
     import matplotlib
@@ -368,9 +378,9 @@ def plot_similarity(result: dict[str, Any], path: Path) -> Path:
     for entry in result["methods"]:
         style = {"color": "grey", "ls": "--"} if entry["method"] == "base" else {}
         axes[0].plot(layers, [np.nan if v is None else v for v in entry["cosine"]], marker=".",
-                     label=f"{entry['label']} (mean {entry['mean_cosine']:.3f})", **style)
+                     label=f"{entry['label']} (mean {fmt3(entry['mean_cosine'])})", **style)
         axes[1].plot(layers, [np.nan if v is None else v for v in entry["nmse"]], marker=".",
-                     label=f"{entry['label']} (mean {entry['mean_nmse']:.3f})", **style)
+                     label=f"{entry['label']} (mean {fmt3(entry['mean_nmse'])})", **style)
     axes[0].axhline(1.0, color="black", lw=0.8, ls=":", label="ICL teacher")
     axes[0].set_ylabel("cosine similarity to ICL teacher")
     axes[1].set_ylabel("nMSE to ICL teacher (÷ teacher variance)")
@@ -448,6 +458,8 @@ def overlap(adapters: list[str] | tuple[str, ...]) -> dict[str, Any]:
         adapters: LoRA adapter directories (adapter_config.json + adapter_model.safetensors;
             run.json, when present, names the method).
     """
+    from ia2cache.evaluate import read_run_record
+
     if len(adapters) < 1:
         raise IA2Error("--adapter: give at least one LoRA adapter directory")
     t0 = time.perf_counter()
@@ -457,7 +469,7 @@ def overlap(adapters: list[str] | tuple[str, ...]) -> dict[str, Any]:
         cfg, deltas = _lora_updates(f)
         r = int(cfg.get("r", 8))
         bases.append({key: _top_left(d, r) for key, d in deltas.items()})
-        rec = json.loads((f / "run.json").read_text()) if (f / "run.json").is_file() else {}
+        rec = read_run_record(f)
         info = _method_info(f, rec) if rec else {"method": f.name, "adapter": str(f), "n": None, "seed": None}
         info["r"] = r
         infos.append(info)
@@ -524,8 +536,18 @@ def plot_overlap(result: dict[str, Any], path: Path) -> Path:
     return path
 
 
+def check_name(name: str) -> str:
+    """A ``--name`` file stem: refused (IA2Error) when empty, or with a path separator or ``..``,
+    which would write outside ``--out``."""
+    if not name or name.strip() != name or "/" in name or "\\" in name or ".." in name or "\0" in name:
+        raise IA2Error(f"--name {name!r}: give a plain file stem (no '/', '\\' or '..'); "
+                       "the files go in --out")
+    return name
+
+
 def write(result: dict[str, Any], out: str | Path, name: str, kind: str) -> dict[str, str]:
     """Write ``<out>/<name>.json`` and ``<out>/<name>.png`` (kind: similarity or overlap)."""
+    check_name(name)
     folder = Path(out).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     json_path = folder / f"{name}.json"
@@ -555,7 +577,10 @@ def report_section(folder: Path, rows: list[dict[str, Any]]) -> tuple[str, list[
 
     Each similarity*.json gives a table (mean and a few layers) and its PNG; every model entry
     that matches a results.jsonl row on (task, method, N, seed) becomes a point of a scatter of
-    mean cosine vs accuracy and ECE (equal-mass).
+    mean cosine vs accuracy and ECE (equal-mass). ``rows`` are results.jsonl rows as read (not
+    relabelled ``train->eval``); only in-distribution rows (no ``eval_task``, or the training task
+    itself) are matched: the similarity is measured on the training task's eval cache, so an OOD
+    accuracy of the same adapter is not its counterpart.
     """
     adir = folder / ANALYSIS_DIR
     sims = [(p, d) for p in sorted(adir.glob("similarity*.json")) if (d := _load_json(p)) is not None]
@@ -572,8 +597,8 @@ def report_section(folder: Path, rows: list[dict[str, Any]]) -> tuple[str, list[
         lines.append("| model | mean cosine | mean nMSE | " + " | ".join(f"cos L{i}" for i in picks) + " |")
         lines.append("|---|---|---|" + "---|" * len(picks))
         for e in sim["methods"]:
-            cells = [f"{e['cosine'][layers.index(i)]:.3f}" for i in picks]
-            lines.append(f"| {e['label']} | {e['mean_cosine']:.3f} | {e['mean_nmse']:.3f} | "
+            cells = [fmt3(e["cosine"][layers.index(i)]) for i in picks]
+            lines.append(f"| {e['label']} | {fmt3(e['mean_cosine'])} | {fmt3(e['mean_nmse'])} | "
                          + " | ".join(cells) + " |")
         png = path.with_suffix(".png")
         if png.is_file():
@@ -597,14 +622,30 @@ def report_section(folder: Path, rows: list[dict[str, Any]]) -> tuple[str, list[
     return "\n".join(lines), pngs
 
 
-def _scatter(sims: list[dict[str, Any]], rows: list[dict[str, Any]], folder: Path) -> list[Path]:
-    by_key = {(r["task"], r["method"], r["n"], r["seed"]): r for r in rows}
+def _eval_task(row: dict[str, Any]) -> str:
+    """The task a results.jsonl row was scored on: its eval_task (sweep --eval-task), else its task."""
+    return row.get("eval_task") or row["task"]
+
+
+def scatter_points(sims: list[dict[str, Any]], rows: list[dict[str, Any]]
+                   ) -> dict[str, list[tuple[str, float, dict[str, Any]]]]:
+    """By task: (method, mean cosine, results.jsonl row) for each similarity entry with a matching
+    in-distribution row on (task, scored task, method, N, seed). An OOD row (sweep --eval-task: same
+    task, method, N and seed) never pairs with a similarity measured on the training task."""
+    by_key = {(r["task"], _eval_task(r), r["method"], r["n"], r["seed"]): r for r in rows
+              if _eval_task(r) == r["task"]}
     points: dict[str, list[tuple[str, float, dict[str, Any]]]] = {}
     for sim in sims:
         for e in sim["methods"]:
-            r = by_key.get((e.get("task") or sim["task"], e["method"], e["n"], e["seed"]))
-            if r is not None:
+            task = e.get("task") or sim["task"]
+            r = by_key.get((task, task, e["method"], e["n"], e["seed"]))
+            if r is not None and e.get("mean_cosine") is not None:
                 points.setdefault(sim["task"], []).append((e["method"], e["mean_cosine"], r))
+    return points
+
+
+def _scatter(sims: list[dict[str, Any]], rows: list[dict[str, Any]], folder: Path) -> list[Path]:
+    points = scatter_points(sims, rows)
     if not points:
         return []
     import matplotlib

@@ -27,6 +27,7 @@ Launch: ``ia2cache collect --task sentiment_remap --n 16`` or ``ia2cache.collect
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import inspect
 import logging
@@ -336,8 +337,23 @@ class Teacher:
         self.forwards = 0
         self.tokens = 0
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        params = inspect.signature(getattr(model, "model", model).forward).parameters
+        params = inspect.signature(model.forward).parameters  # the traced call
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        # EOS as generate sees it: the generation config's id(s), and the tokenizer's.
+        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        eos = list(gen_eos) if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+        self.eos = sorted({int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None})
+
+    def _greedy(self, logits: torch.Tensor, first: bool) -> list[int]:
+        """Greedy next tokens; at the first response token EOS is barred (``min_new_tokens=1``)."""
+        if first and self.eos:
+            logits = logits.clone()
+            logits[:, self.eos] = float("-inf")
+        return [int(x) for x in logits.argmax(-1).tolist()]
+
+    def _finished(self, ids: list[int], stop: str) -> bool:
+        """Whether the response ``ids`` has just ended: at EOS, or with the stop string."""
+        return ids[-1] in self.eos or bool(stop and stop in self.tok.decode(ids, skip_special_tokens=True))
 
     def _logits(self, normed: torch.Tensor) -> torch.Tensor:
         logits = self.model.get_output_embeddings()(normed).float()
@@ -389,7 +405,7 @@ class Teacher:
             logits = self._logits(normed)
             if one_pass:
                 last = torch.tensor([len(tp) - 1 for tp, _ in pos], device=dev)
-                resp = [[int(x)] for x in logits[torch.arange(b), last].argmax(-1).tolist()]
+                resp = [[x] for x in self._greedy(logits[torch.arange(b), last], first=True)]
             if self.topk:
                 # Log-probabilities, not raw logits: with them the mass outside the top k is
                 # known (1 - sum exp), which the tokl objective needs.
@@ -439,7 +455,6 @@ class Teacher:
         pi = pre.to(dev)
         layers = decoder_layers(self.nn)
         kv = DynamicCache(config=self.model.config)
-        eos = self.tok.eos_token_id
         with self.nn.trace(input_ids=ids, attention_mask=mask, position_ids=pos_ids,
                            **self._cache_kwargs(kv)) as tracer:
             acts0 = nnsight.save([self.site.module(layers[i]).output[bi, pi] for i in self.layers])
@@ -449,13 +464,10 @@ class Teacher:
         self.tokens += int(mask.sum())
         last = torch.tensor([n - 1 for n in n_pre], device=dev)
         logits0 = self._logits(normed0)
-        step_logits = logits0[torch.arange(b, device=dev), last]
-        if eos is not None:
-            step_logits[:, eos] = float("-inf")  # min_new_tokens=1
-        gen = [[int(x)] for x in step_logits.argmax(-1).tolist()]
+        gen = [[x] for x in self._greedy(logits0[torch.arange(b, device=dev), last], first=True)]
         dec_acts: list[list[torch.Tensor]] = []
         dec_normed: list[torch.Tensor] = []
-        done = [response_length(self.tok, g, stop) < len(g) or g[-1] == eos for g in gen]
+        done = [self._finished(g, stop) for g in gen]
         for _step in range(1, t):
             if all(done):
                 break
@@ -471,11 +483,11 @@ class Teacher:
             self.tokens += b
             dec_acts.append(a)
             dec_normed.append(nm)
-            for i, x in enumerate(self._logits(nm).argmax(-1).tolist()):
+            for i, x in enumerate(self._greedy(self._logits(nm), first=False)):
                 if not done[i]:
-                    gen[i].append(int(x))
-                    done[i] = gen[i][-1] == eos or response_length(self.tok, gen[i], stop) < len(gen[i])
-        resp = [g[: response_length(self.tok, g, stop)] for g in gen]
+                    gen[i].append(x)
+                    done[i] = self._finished(gen[i], stop)
+        resp = [g[: response_length(self.tok, g, stop, self.eos)] for g in gen]
         pos = [p.positions(len(r), positions) for p, r in zip(pairs, resp, strict=True)]
         valid = torch.zeros((b, p_slots), dtype=torch.bool, device=dev)
         for i, (tp, _) in enumerate(pos):
@@ -622,19 +634,20 @@ def collect(config: CollectConfig, loaded: Any | None = None,
     about = {"batch_size": batch_size, "model_spec": config.model, "task_spec": config.task,
              "eval_fraction": config.eval_fraction}
     manifest = {**plan.manifest, "about": about, "versions": _versions()}
-    # Under torchrun rank 0 creates the cache and the others open it after the barrier, so the
-    # arrays are created once; single process: both calls are plain.
-    distributed.barrier()
-    if distributed.is_main():
-        cache = Cache.create_or_open(store, plan.key, manifest, plan.specs, len(plan.rows),
-                                     rows_per_shard, rows_per_chunk)
-    distributed.barrier()
-    if not distributed.is_main():
-        cache = Cache.create_or_open(store, plan.key, manifest, plan.specs, len(plan.rows),
-                                     rows_per_shard, rows_per_chunk)
-    with distributed.main_holds(cache.lock):  # rank 0 holds the lock for the whole job
-        # Rank 0's list of missing shards; rank r writes missing[r::W], whole shards only.
-        missing = distributed.broadcast_object(cache.missing_shards())
+    made: dict[str, Cache] = {}
+    with contextlib.ExitStack() as held:
+
+        def create_and_lock() -> list[int]:
+            made["cache"] = Cache.create_or_open(store, plan.key, manifest, plan.specs, len(plan.rows),
+                                                 rows_per_shard, rows_per_chunk)
+            held.enter_context(made["cache"].lock())  # for the whole job (rank 0 only under torchrun)
+            return made["cache"].missing_shards()
+
+        # Under torchrun rank 0 creates the cache (the arrays are made once), takes its lock and
+        # lists the missing shards, then every rank gets that list, or rank 0's error; the others
+        # open the cache only after that. Rank r writes missing[r::W], whole shards only.
+        missing = distributed.rank0_call(create_and_lock)
+        cache = made.get("cache") or Cache.open(path)
         mine = distributed.my_share(missing)
         if mine:
             log.info("collecting %d of %d shards into %s", len(mine), cache.n_shards, path)

@@ -338,8 +338,7 @@ def _save_checkpoint(run: _Run, state: dict[str, Any], opt: torch.optim.Optimize
     if best is not None:
         save_file({k: v.contiguous().cpu() for k, v in best.items()}, d / f"best-{tag}.safetensors")
     osd = opt.state_dict()
-    flat = {f"{i}.{k}": v.contiguous().cpu() for i, s in osd["state"].items() for k, v in s.items()
-            if isinstance(v, torch.Tensor)}
+    flat = _flat_optim(osd["state"])
     if flat:
         save_file(flat, d / f"optim-{tag}.safetensors")
     meta = {**state, "tag": tag, "param_groups": osd["param_groups"], "has_best": best is not None,
@@ -368,14 +367,53 @@ def _load_checkpoint(run: _Run) -> tuple[dict[str, Any], dict[str, torch.Tensor]
     best = load_file(d / f"best-{tag}.safetensors") if meta["has_best"] else None
     optim = None
     if meta["has_optim"]:
-        flat = load_file(d / f"optim-{tag}.safetensors")
-        st: dict[int, dict[str, torch.Tensor]] = {}
-        for k, v in flat.items():
-            i, name = k.split(".", 1)
-            st.setdefault(int(i), {})[name] = v
-        optim = {"state": st, "param_groups": meta["param_groups"]}
+        optim = {"state": _unflat_optim(load_file(d / f"optim-{tag}.safetensors")),
+                 "param_groups": meta["param_groups"]}
     run.history = meta["history"]
     run.initial = meta.get("initial", {})
+    return meta, best, optim
+
+
+def _flat_optim(state: dict[int, dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """An optimizer's per-parameter tensors as ``{"<param>.<name>": tensor}`` (safetensors keys)."""
+    return {f"{i}.{k}": v.contiguous().cpu() for i, st in state.items() for k, v in st.items()
+            if isinstance(v, torch.Tensor)}
+
+
+def _unflat_optim(flat: dict[str, torch.Tensor]) -> dict[int, dict[str, torch.Tensor]]:
+    st: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in flat.items():
+        i, name = k.split(".", 1)
+        st.setdefault(int(i), {})[name] = v
+    return st
+
+
+def _resume(run: _Run) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, dict | None] | None:
+    """The checkpoint to resume from, if ``<out>/checkpoint`` holds one.
+
+    Under torchrun only rank 0 reads it (only it writes ``--out``); every rank then gets its
+    counters and history as JSON, its best and optimizer tensors as safetensors buffers, and
+    rank 0's adapter weights. An unreadable or foreign checkpoint fails every rank at once.
+    """
+    if distributed.world_size() == 1:
+        return _load_checkpoint(run)
+    read: dict[str, Any] = {}
+
+    def meta_of_rank0() -> dict[str, Any] | None:
+        read["ckpt"] = _load_checkpoint(run)
+        return None if read["ckpt"] is None else read["ckpt"][0]
+
+    meta = distributed.rank0_call(meta_of_rank0)
+    run.history, run.initial = distributed.broadcast_object([run.history, run.initial])
+    distributed.broadcast_params(list(_trainable(run.model).values()))
+    if meta is None:
+        return None
+    _, best, optim = read.get("ckpt") or (None, None, None)
+    if meta["has_best"]:
+        best = distributed.broadcast_tensors(best)
+    if meta["has_optim"]:
+        flat = distributed.broadcast_tensors(_flat_optim(optim["state"]) if optim else None)
+        optim = {"state": _unflat_optim(flat), "param_groups": meta["param_groups"]}
     return meta, best, optim
 
 
@@ -389,7 +427,6 @@ def _locate(config: DistillConfig) -> tuple[Cache, Path]:
     store = location(config.store) if config.store else default_store()
     cache = Cache.open(resolve_cache(store, config.cache))
     out = Path(config.out).expanduser() if config.out else home() / "runs" / cache.key / config.run_name()
-    check_writable_dir(out, "--out")
     return cache, out
 
 
@@ -434,7 +471,8 @@ def _setup(config: DistillConfig, loaded: LoadedModel | None) -> _Run:
     if config.normalize:
         site = manifest["site"]
         variances = {i: float(cache.stats(f"acts/{site}/layer_{i:03d}")["var"]) for i in layers}
-    out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():  # only rank 0 writes --out
+        out.mkdir(parents=True, exist_ok=True)
     return _Run(config=config, cache=cache, model=model, tokenizer=loaded.tokenizer, layers=layers,
                 capture=_Capture(model, manifest["site"], layers), train=train, dev=dev,
                 offset=position_offset(config.adapter, aspec), variances=variances, out=out,
@@ -472,7 +510,7 @@ def _train_phase(run: _Run, phase: int, objective: str, start: dict[str, Any] | 
             loss = _losses(run, batch, objective)
             # This rank's share of the global batch, weighted so that the rank-averaged gradient
             # is the gradient of the global batch's mean loss (weight 1 with equal shares).
-            share = len(batch.rows) * distributed.world_size() / max(batch.global_rows, 1)
+            share = len(batch.rows) * distributed.world_size() / batch.global_rows
             (loss * share / cfg.grad_accum).backward()
             if step % cfg.grad_accum == 0 or step == len(run.train):
                 distributed.all_reduce_grads(params)
@@ -524,19 +562,19 @@ def distill(config: DistillConfig, loaded: LoadedModel | None = None,
     done = out / "run.json"
     # Checked before any model is loaded: a finished run costs nothing. Under torchrun rank 0
     # decides for all (only it writes --out; other nodes may not even see that directory).
-    prev = json.loads(done.read_text()) if distributed.is_main() and done.is_file() else None
-    prev = distributed.broadcast_object(prev) or {}
+    prev = distributed.rank0_call(lambda: json.loads(done.read_text()) if done.is_file() else None) or {}
     if prev.get("config_fingerprint") == config.fingerprint() and prev.get("cache_key") == cache.key:
         log.info("%s already holds this finished run: reused", out)
         return DistillResult(str(out), config.method, prev["best_epoch"], prev["epochs_run"],
                              prev["final"], prev["seconds"], reused=True,
                              initial_dev_loss=prev.get("initial_dev_loss", []), history=prev["history"])
+
+    def check_out() -> None:  # only now: a finished run in a read-only folder is reused above
+        check_writable_dir(out, "--out")
+
+    distributed.rank0_call(check_out)  # only rank 0 writes --out; its refusal stops every rank
     run = _setup(config, loaded)
-    resumed = _load_checkpoint(run) if distributed.is_main() else None
-    if distributed.world_size() > 1:  # every rank resumes from rank 0's checkpoint
-        resumed = distributed.broadcast_object(resumed)
-        run.history, run.initial = distributed.broadcast_object((run.history, run.initial))
-        distributed.broadcast_params(list(_trainable(run.model).values()))
+    resumed = _resume(run)
     start_phase, start, best, optim = 0, None, None, None
     if resumed is not None:
         meta, best, optim = resumed

@@ -4,8 +4,20 @@
 ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set. Every
 helper here is a no-op in a plain single process (``WORLD_SIZE`` unset or 1), so the library
 and the CLI behave exactly as before there. The process group is initialised lazily, only when
-``WORLD_SIZE > 1``, with the ``gloo`` backend: it runs on CPU, and its collectives here move
-only small Python objects and adapter gradients.
+``WORLD_SIZE > 1``. Without CUDA it uses ``gloo``. With CUDA each rank first binds its own GPU,
+``cuda:LOCAL_RANK`` (:func:`device`, also the default device of ``models.load_model``), and the
+group is ``cpu:gloo,cuda:nccl``: each collective runs on the device of its tensor, NCCL for
+CUDA gradients and parameters, gloo for the small CPU messages (objects, sums, barriers).
+
+Nothing crosses between ranks as pickle: :func:`broadcast_object` sends JSON bytes in a uint8
+tensor (length first), :func:`broadcast_tensors` a safetensors buffer.
+
+Failures: a step only rank 0 performs (create the cache, take its lock, read a checkpoint) runs
+through :func:`rank0_call`, which sends the other ranks either its result or its error, so every
+rank fails together instead of waiting. A rank that fails on its own (a shard refused for NaN,
+a full disk) raises and exits non-zero at once; torchrun's agent sees the failed worker and
+stops the others (SIGTERM) within seconds, so no rank waits ``TIMEOUT_S`` at a barrier. Without
+torchrun's agent (other launchers), the others fail at ``TIMEOUT_S``.
 
 How collect uses it: rank 0 creates (or resumes) the cache, takes the cache lock and lists the
 missing shards; it broadcasts that list (or the error that stopped it); rank ``r`` writes the
@@ -20,7 +32,9 @@ with one ``all_reduce`` per optimizer step; only rank 0 writes checkpoints, the 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -37,11 +51,15 @@ __all__ = [
     "barrier",
     "broadcast_object",
     "broadcast_params",
+    "broadcast_tensors",
+    "device",
     "init",
     "is_main",
+    "local_rank",
     "main_holds",
     "my_share",
     "rank",
+    "rank0_call",
     "world_size",
 ]
 
@@ -50,6 +68,8 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 BACKEND = "gloo"
+"""The backend without CUDA; with CUDA it is :data:`CUDA_BACKEND`."""
+CUDA_BACKEND = "cpu:gloo,cuda:nccl"
 TIMEOUT_S = float(os.environ.get("IA2CACHE_DIST_TIMEOUT", "1800"))
 """Seconds a collective waits for the other ranks before failing (env IA2CACHE_DIST_TIMEOUT)."""
 
@@ -85,6 +105,37 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def local_rank() -> int:
+    """This process's rank on its node: ``LOCAL_RANK`` as set by torchrun, 0 otherwise."""
+    r = _env_int("LOCAL_RANK", 0)
+    if r < 0:
+        raise IA2Error(f"environment variable LOCAL_RANK={r}: must be at least 0")
+    return r
+
+
+def device() -> torch.device:
+    """The device this process computes on by default: CPU without CUDA; with CUDA, ``cuda`` in
+    a single process and ``cuda:LOCAL_RANK`` under torchrun (one GPU per rank). Where the
+    launcher shows each rank only its own GPU (one visible device), that one, ``cuda:0``."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if not _active():
+        return torch.device("cuda")
+    lr, n = local_rank(), torch.cuda.device_count()
+    if n == 1:
+        return torch.device("cuda", 0)
+    if lr >= n:
+        raise IA2Error(f"LOCAL_RANK={lr} but only {n} CUDA devices are visible: start at most {n} "
+                       "processes per node (torchrun --nproc-per-node)")
+    return torch.device("cuda", lr)
+
+
+def _backend() -> str:
+    import torch.distributed as dist
+
+    return CUDA_BACKEND if torch.cuda.is_available() and dist.is_nccl_available() else BACKEND
+
+
 def _active() -> bool:
     return world_size() > 1
 
@@ -104,30 +155,80 @@ def init() -> bool:
                 f"WORLD_SIZE={world_size()} but {', '.join(missing)} is not set: launch with "
                 "`torchrun --nproc-per-node=N -m ia2cache.cli ...`"
             )
+        backend = _backend()
+        dev = device()
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)  # before the group: NCCL binds each rank to its own GPU
         dist.init_process_group(
-            BACKEND, rank=rank(), world_size=world_size(), timeout=timedelta(seconds=TIMEOUT_S)
+            backend, rank=rank(), world_size=world_size(), timeout=timedelta(seconds=TIMEOUT_S)
         )
-        log.info("rank %d of %d joined the %s process group", rank(), world_size(), BACKEND)
+        log.info("rank %d of %d joined the %s process group on %s", rank(), world_size(), backend, dev)
+        # Leave the group before the interpreter exits: gloo may otherwise abort the process
+        # ("terminate called without an active exception") after its peer has exited.
+        atexit.register(_leave)
     return True
 
 
-def barrier() -> None:
-    """Wait for every rank (no-op in a single process)."""
-    if init():
-        import torch.distributed as dist
+def _leave() -> None:
+    import torch.distributed as dist
 
-        dist.barrier()
+    with contextlib.suppress(Exception):
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process). A one-number CPU ``all_reduce``, so it
+    runs on gloo under either backend and needs no guess of the rank's GPU."""
+    if init():
+        all_reduce_sum([0.0])
+
+
+def _broadcast_bytes(data: bytes | None, src: int) -> bytes:
+    """``data`` as rank ``src`` has it, on every rank: its length, then its bytes, as CPU tensors."""
+    import torch.distributed as dist
+
+    mine = rank() == src
+    if mine and data is None:
+        raise ValueError("the source rank must give the bytes to broadcast")
+    size = torch.tensor([len(data) if mine and data is not None else 0], dtype=torch.int64)
+    dist.broadcast(size, src=src)
+    n = int(size.item())
+    if mine and data:
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    else:
+        buf = torch.empty(n, dtype=torch.uint8)
+    if n:
+        dist.broadcast(buf, src=src)
+    return buf.numpy().tobytes()
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """``obj`` as rank ``src`` has it, on every rank (JSON-like values only; no-op alone)."""
+    """``obj`` as rank ``src`` has it, on every rank (no-op alone).
+
+    JSON values only (``None``, bools, numbers including NaN/inf, strings, lists, dicts with
+    string keys; tuples arrive as lists). It travels as JSON text, never as pickle.
+    """
     if not init():
         return obj
-    import torch.distributed as dist
+    data = json.dumps(obj).encode("utf-8") if rank() == src else None
+    return json.loads(_broadcast_bytes(data, src).decode("utf-8"))
 
-    box = [obj if rank() == src else None]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+
+def broadcast_tensors(tensors: dict[str, torch.Tensor] | None, src: int = 0) -> dict[str, torch.Tensor]:
+    """Rank ``src``'s named tensors on every rank, on CPU (identity alone; other ranks pass None).
+
+    They travel as one safetensors buffer (names, dtypes, shapes in its JSON header), never as
+    pickle.
+    """
+    if not init():
+        return dict(tensors or {})
+    from safetensors.torch import load, save
+
+    data = None
+    if rank() == src:
+        data = save({k: v.detach().contiguous().cpu() for k, v in (tensors or {}).items()})
+    return load(_broadcast_bytes(data, src))
 
 
 def all_reduce_sum(values: list[float]) -> list[float]:
@@ -155,13 +256,14 @@ def all_reduce_grads(params: list[torch.Tensor]) -> None:
     if not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.detach().reshape(-1).to(torch.float32) for g in grads])
+    # One buffer on the parameters' device: NCCL reduces CUDA gradients, gloo CPU ones.
+    flat = torch.cat([g.detach().reshape(-1).to(params[0].device, torch.float32) for g in grads])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= world_size()
     i = 0
     for p, g in zip(params, grads, strict=True):
         n = g.numel()
-        new = flat[i : i + n].view_as(g).to(g.dtype)
+        new = flat[i : i + n].view_as(g).to(g.device, g.dtype)
         if p.grad is None:
             p.grad = new.clone()
         else:
@@ -176,15 +278,46 @@ def broadcast_params(params: list[torch.Tensor], src: int = 0) -> None:
     import torch.distributed as dist
 
     with torch.no_grad():
-        for p in params:
-            buf = p.detach().to("cpu").contiguous().clone()
+        for p in params:  # on the parameter's own device: NCCL for CUDA, gloo for CPU
+            buf = p.detach().contiguous().clone()
             dist.broadcast(buf, src=src)
-            p.copy_(buf.to(p.device))
+            p.copy_(buf)
 
 
 def my_share(items: Sequence[T]) -> list[T]:
     """This rank's items: ``items[rank::world]`` (all of them in a single process)."""
     return list(items[rank() :: world_size()])
+
+
+def rank0_call(fn: Callable[[], T]) -> T:
+    """``fn()`` run on rank 0 only, its result (JSON values) on every rank.
+
+    If ``fn`` raises, the other ranks are told and raise an :class:`IA2Error` with its message
+    (rank 0 raises the original exception), so no rank waits at the next collective for a rank
+    that has failed. Alone it is ``fn()``.
+    """
+    if not init():
+        return fn()
+    failure: BaseException | None = None
+    box: dict[str, Any] = {}
+    if is_main():
+        try:
+            box = {"ok": fn()}
+            json.dumps(box)  # a result that cannot travel fails here, on rank 0, and is told
+        except Exception as e:  # told to the others, then re-raised here
+            failure = e
+            if isinstance(e, IA2Error):
+                box = {"error": str(e)}
+            elif isinstance(e, OSError) and e.filename:
+                box = {"error": f"rank 0: {e.filename}: {e.strerror or e}"}
+            else:
+                box = {"error": f"rank 0 failed: {type(e).__name__}: {e}"}
+    box = broadcast_object(box)
+    if failure is not None:
+        raise failure
+    if "error" in box:
+        raise IA2Error(box["error"])
+    return box["ok"]
 
 
 @contextlib.contextmanager
@@ -193,20 +326,13 @@ def main_holds(make_lock: Callable[[], contextlib.AbstractContextManager[Any]]) 
 
     The cache lock keeps a second *job* out; the ranks of one job are told apart by the shards
     they own, so they must not each try the lock (they would lock each other out). If rank 0
-    cannot take the lock, every rank raises the same :class:`IA2Error`, so none waits forever.
+    cannot take the lock (or fails any other way doing so), every rank raises an
+    :class:`IA2Error` with its message, so none waits forever.
     """
-    if not init():
-        with make_lock():
-            yield
-        return
     with contextlib.ExitStack() as stack:
-        error = None
-        if is_main():
-            try:
-                stack.enter_context(make_lock())
-            except IA2Error as e:
-                error = str(e)
-        error = broadcast_object(error)
-        if error is not None:
-            raise IA2Error(error)
+
+        def take() -> None:
+            stack.enter_context(make_lock())
+
+        rank0_call(take)
         yield

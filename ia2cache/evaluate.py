@@ -49,7 +49,9 @@ class EvalConfig:
     batch_size: int = 8
     """Rows per forward pass."""
     agreement: bool = False
-    """Also score the ICL teacher (base model, k demos) and report how often the answers agree."""
+    """Also score the ICL teacher (base model, k demos) and report how often the answers agree:
+    the share of eval rows where both give the same answer. With an answer parser, a row where the
+    model's answer is unparsable (None) never agrees, even when the teacher's is unparsable too."""
     max_new_tokens: int | None = None
     """Multi-token tasks: tokens to generate; default the task card's max_new_tokens, else the
     longest gold target + 4."""
@@ -92,10 +94,21 @@ def _score_single(model: Any, pairs: list[PromptPair], mode: str, pad_id: int, b
             "nll": np.array(nll), "pred": np.array(pred)}
 
 
+def _generates(task: Task, single: bool) -> bool:
+    """Whether scoring generates text (multi-token targets, or any task with an answer parser)."""
+    return not single or bool(task.card.get("parser"))
+
+
+def effective_max_new(task: Task, pairs: list[PromptPair], max_new: int | None = None) -> int:
+    """Tokens generated per row: ``max_new`` if given, else the task card's ``max_new_tokens``,
+    else the longest gold target + 4. The context check and generation both use this number."""
+    return int(max_new or task.card.get("max_new_tokens") or max(len(p.target_ids) for p in pairs) + 4)
+
+
 @torch.no_grad()
 def _score_generate(model: Any, tok: Any, task: Task, pairs: list[PromptPair], mode: str,
                     bs: int, device: torch.device, max_new: int | None = None) -> dict[str, np.ndarray]:
-    max_new = max_new or task.card.get("max_new_tokens") or max(len(p.target_ids) for p in pairs) + 4
+    max_new = effective_max_new(task, pairs, max_new)
     parse = get_parser(task.card["parser"]) if task.card.get("parser") else None
     conf, correct, nll, answers = [], [], [], []
     pad_id = tok.pad_token_id
@@ -175,21 +188,24 @@ def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
     k = config.k if config.mode == "icl" else 0
     pairs = build_eval_pairs(task, tokenizer, k=k, seed=config.seed, n_eval=config.n_eval)
     single = is_single_token(task, tokenizer)
-    _check_context(model, pairs, config.mode, 1 if single else config.max_new_tokens or 1)
-    was_training = model.training
-    model.eval()
-    res = _score(model, tokenizer, task, pairs, config.mode, config.batch_size, device, single,
-                 config.max_new_tokens)
-    agreement = None
+    # One number of new tokens for the context check and for generation.
+    max_new = effective_max_new(task, pairs, config.max_new_tokens) if _generates(task, single) else 1
+    _check_context(model, pairs, config.mode, max_new)
+    icl_pairs: list[PromptPair] = []
     if config.agreement and config.mode != "icl":
         icl_pairs = build_eval_pairs(task, tokenizer, k=config.k, seed=config.seed, n_eval=config.n_eval)
+        _check_context(model, icl_pairs, "icl", max_new)
+    was_training = model.training
+    model.eval()
+    res = _score(model, tokenizer, task, pairs, config.mode, config.batch_size, device, single, max_new)
+    agreement = None
+    if icl_pairs:
         # The teacher is the base model: switch a peft adapter off while it answers.
         ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
         with ctx:
             teacher = _score(model, tokenizer, task, icl_pairs, "icl", config.batch_size, device, single,
-                             config.max_new_tokens)
-        key = "pred" if single else "answers"
-        agreement = float(np.mean(res[key] == teacher[key]))
+                             max_new)
+        agreement = agreement_rate(res, teacher)
     model.train(was_training)
     conf, corr = res["confidence"], res["correct"]
     out = {
@@ -216,6 +232,15 @@ def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
     return out
 
 
+def agreement_rate(res: dict[str, np.ndarray], teacher: dict[str, np.ndarray]) -> float:
+    """Share of rows where the model's answer equals the teacher's: predicted token ids for
+    single-token scoring, else the answers (parsed, or the generated text). An answer that is None
+    (unparsable) never agrees, so two unparsable responses do not count as agreement."""
+    key = "pred" if "pred" in res else "answers"
+    same = [a is not None and a == b for a, b in zip(res[key].tolist(), teacher[key].tolist(), strict=True)]
+    return float(np.mean(same)) if same else float("nan")
+
+
 def _check_context(model: Any, pairs: list[PromptPair], mode: str, new_tokens: int) -> None:
     """Refuse prompts the model cannot read whole (past its position limit scores are garbage)."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -229,6 +254,31 @@ def _check_context(model: Any, pairs: list[PromptPair], mode: str, new_tokens: i
             f"{new_tokens} new token(s) exceeds the model's context of {limit}; lower --k or shorten "
             "the task's inputs"
         )
+
+
+def read_run_record(folder: str | Path, required: bool = False) -> dict[str, Any]:
+    """An adapter directory's ``run.json`` (written by distill) as a dict.
+
+    Args:
+        folder: the adapter (distill output) directory.
+        required: refuse a missing run.json; otherwise a missing one reads as ``{}``.
+
+    Raises:
+        IA2Error: naming the file, when it is unreadable, not valid JSON or not a JSON object
+            (or missing and ``required``).
+    """
+    run = Path(folder).expanduser() / "run.json"
+    if not run.is_file():
+        if required:
+            raise IA2Error(f"--adapter {run.parent}: no run.json (not a distill output directory)")
+        return {}
+    try:
+        record = json.loads(run.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IA2Error(f"--adapter {run}: not a readable JSON file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(record, dict):
+        raise IA2Error(f"--adapter {run}: expected a JSON object, got {type(record).__name__}")
+    return record
 
 
 def load_adapter(adapter_dir: str | Path, device: str | None = None,
@@ -246,10 +296,9 @@ def load_adapter(adapter_dir: str | Path, device: str | None = None,
     from ia2cache.models import load_model, load_tokenizer
 
     folder = Path(adapter_dir).expanduser()
-    run_file = folder / "run.json"
     if not (folder / "adapter_config.json").is_file():
         raise IA2Error(f"--adapter {folder}: no adapter_config.json (not an adapter directory)")
-    record = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    record = read_run_record(folder)
     trained_on = (record.get("cache_manifest") or {}).get("model") or {}
     if model is not None and trained_on.get("fingerprint"):
         info = load_tokenizer(model)[1]

@@ -19,7 +19,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
+from numcodecs import blosc
 
 from ia2cache.errors import IA2Error
 
@@ -64,7 +66,7 @@ class ShardedArrayReader:
         self.chunks_per_shard = self.rows_per_shard // self.rows_per_chunk
         self.blosc = len(cfg["codecs"]) == 2
         self.chunk_values = int(np.prod(self.chunk_shape))
-        self._index: dict[tuple[int, int, int], np.ndarray] = {}
+        self._index: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
 
     def _shard_file(self, shard: int) -> Path:
         parts = ["c", str(shard)] + ["0"] * (len(self.shape) - 1)
@@ -73,20 +75,18 @@ class ShardedArrayReader:
     def _read_index(self, fd: int, shard: int) -> np.ndarray:
         st = os.fstat(fd)
         size = st.st_size
-        stamp = (shard, st.st_mtime_ns, size)  # a rewritten shard file gets its index re-read
-        got = self._index.get(stamp)
-        if got is not None:
-            return got
+        stamp = (st.st_mtime_ns, size)  # a rewritten shard file gets its index re-read
+        got = self._index.get(shard)
+        if got is not None and got[0] == stamp:
+            return got[1]
         n = self.chunks_per_shard * 16
         if size < n + 4:
             raise IA2Error(f"{self._shard_file(shard)}: shard file too short for its index ({size} bytes)")
         raw = os.pread(fd, n + 4, size - n - 4)
-        import google_crc32c
-
         if google_crc32c.value(raw[:n]) != int.from_bytes(raw[n:], "little"):
             raise IA2Error(f"{self._shard_file(shard)}: shard index checksum mismatch")
         index = np.frombuffer(raw[:n], dtype="<u8").reshape(self.chunks_per_shard, 2)
-        self._index[stamp] = index
+        self._index[shard] = (stamp, index)
         return index
 
     def read(self, a: int, b: int) -> np.ndarray:
@@ -122,8 +122,6 @@ class ShardedArrayReader:
                 data = blob[off - start : off - start + nbytes]
                 try:
                     if self.blosc:
-                        from numcodecs import blosc
-
                         data = blosc.decompress(data)
                     chunk = np.frombuffer(data, dtype=self.dtype, count=self.chunk_values)
                 except (RuntimeError, ValueError) as exc:

@@ -31,10 +31,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import lzma
 import math
 import queue
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -52,6 +54,13 @@ if TYPE_CHECKING:
 __all__ = ["Batch", "CacheLoader", "LoaderConfig"]
 
 log = logging.getLogger(__name__)
+
+# What reading a damaged chunk raises: ia2cache's own checks (shard index, undecodable chunk), zarr
+# (its errors are ValueErrors), the codecs (numcodecs/blosc: RuntimeError; zlib/lzma; EOFError on a
+# short stream). Anything else is a bug, not damage, and is never skipped under skip_damaged.
+_DAMAGE_ERRORS: tuple[type[BaseException], ...] = (
+    IA2Error, ValueError, RuntimeError, EOFError, zlib.error, lzma.LZMAError,
+)
 
 SPLITS = ("train", "dev")
 TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -171,7 +180,12 @@ class Batch:
     topk_ids: torch.Tensor | None = None
     """(B, P, K) int64 their token ids (pads are 0), or None."""
     global_rows: int = 0
-    """Rows of the global batch this batch is a share of (data-parallel ranks); equals B alone."""
+    """Rows of the global batch this batch is a share of (data-parallel ranks); equals B alone
+    (0, the default, means B)."""
+
+    def __post_init__(self) -> None:
+        if self.global_rows <= 0:
+            self.global_rows = int(self.rows.shape[0])
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -631,7 +645,7 @@ class CacheLoader:
             raw: np.ndarray | None = self.cache.read(path, lo, hi)
         except OSError:
             raise  # the file system failing is not damage to skip
-        except Exception:  # undecodable bytes: find the chunk below
+        except _DAMAGE_ERRORS:  # undecodable bytes: find the chunk below
             raw = None
         parts = []
         for c0 in range(lo, hi, rpc):
@@ -653,7 +667,7 @@ class CacheLoader:
                 data = self.cache.read(path, c0, c1)
             except OSError:
                 raise
-            except Exception as e:
+            except _DAMAGE_ERRORS as e:  # damage; any other exception is a bug and propagates
                 return None, f"unreadable ({type(e).__name__}: {e})"
         shard = c0 // self.cache.rows_per_shard
         try:

@@ -77,7 +77,10 @@ class LoadedModel:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CPU without CUDA; ``cuda`` in one process; ``cuda:LOCAL_RANK`` under torchrun."""
+    from ia2cache import distributed
+
+    return distributed.device()
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -153,12 +154,12 @@ class _Encoder:
         return ids
 
 
-def response_length(tokenizer: Any, ids: list[int], stop: str) -> int:
-    """How many generated tokens make the response: up to and including EOS or the token that
-    completes ``stop``; all of them if neither occurs."""
-    eos = tokenizer.eos_token_id
+def response_length(tokenizer: Any, ids: list[int], stop: str, eos: Collection[int] | None = None) -> int:
+    """How many generated tokens make the response: up to and including EOS (``eos``, by
+    default the tokenizer's) or the token that completes ``stop``; all of them if neither occurs."""
+    eos_ids = {tokenizer.eos_token_id} if eos is None else set(eos)
     for n in range(1, len(ids) + 1):
-        if ids[n - 1] == eos or (stop and stop in tokenizer.decode(ids[:n], skip_special_tokens=True)):
+        if ids[n - 1] in eos_ids or (stop and stop in tokenizer.decode(ids[:n], skip_special_tokens=True)):
             return n
     return len(ids)
 

@@ -161,6 +161,7 @@ def report(folder: str | Path) -> dict[str, Any]:
 
     md = markdown(_labelled(rows))
     # <out>/analysis/ (ia2cache analyze ... --out <out>/analysis): similarity tables, plots, scatter.
+    # The rows as read (not relabelled train->eval): the scatter keeps in-distribution rows only.
     analysis_md, analysis_pngs = report_section(out, rows)
     if analysis_md:
         md = md + "\n" + analysis_md

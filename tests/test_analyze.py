@@ -297,3 +297,110 @@ def test_cli_bad_input_exits_2(env: dict[str, Any], tmp_path: Path) -> None:
     assert res.exit_code == 2
     res = runner.invoke(app, ["collect", "--split", "test"])
     assert res.exit_code == 2 and "--split" in res.output
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+def _sim_entry(method: str, n: int, cos: float, nmse: float | None) -> dict[str, Any]:
+    return {"method": method, "label": method, "task": "task", "n": n, "seed": 0, "cosine": [cos, cos],
+            "nmse": [nmse, nmse], "mean_cosine": cos, "mean_nmse": nmse}
+
+
+def _fake_similarity(folder: Path) -> dict[str, Any]:
+    sim = {"task": "task", "n": 16, "seed": 0, "k": 4, "site": "attn", "rows": 10, "split": "eval",
+           "layers": [0, 1], "methods": [_sim_entry("base", 0, 0.5, 1.0), _sim_entry("act", 16, 0.9, None)]}
+    (folder / "analysis").mkdir(parents=True)
+    (folder / "analysis" / "similarity-task-n16-s0.json").write_text(json.dumps(sim))
+    return sim
+
+
+def test_scatter_pairs_similarity_with_in_distribution_rows_only(tmp_path: Path) -> None:
+    """sweep --eval-task rows share task/method/N/seed with the in-distribution row; the similarity
+    (measured on the training task) must pair with the in-distribution accuracy only."""
+    from ia2cache.analyze import scatter_points
+    from ia2cache.report import report
+
+    sim = _fake_similarity(tmp_path)
+    ind = {"task": "task", "method": "act", "n": 16, "seed": 0, "accuracy": 0.8, "ece_equal_mass": 0.1}
+    ood = {**ind, "eval_task": "other", "accuracy": 0.2}
+    same = {**ind, "eval_task": "task", "accuracy": 0.7}  # eval_task == task: in distribution
+    for rows, want in (([ind, ood], 0.8), ([ood, ind], 0.8), ([same, ood], 0.7), ([ood], None)):
+        pts = scatter_points([sim], rows)
+        got = [r["accuracy"] for m, _, r in pts.get("task", []) if m == "act"]
+        assert got == ([] if want is None else [want]), rows
+    # The report passes results.jsonl rows as read: OOD rows alone give no scatter.
+    (tmp_path / "results.jsonl").write_text(json.dumps(ood) + "\n")
+    rep = report(tmp_path)
+    assert not any(p.endswith("_similarity_vs_metrics.png") for p in rep["plots"])
+    (tmp_path / "results.jsonl").write_text(json.dumps(ood) + "\n" + json.dumps(ind) + "\n")
+    rep = report(tmp_path)
+    assert str(tmp_path / "task_similarity_vs_metrics.png") in rep["plots"]
+    assert "| act | 0.900 | – |" in rep["markdown"]  # a null nMSE is shown as undefined
+
+
+def test_zero_teacher_variance_writes_null_not_infinity() -> None:
+    from ia2cache.analyze import _summary, _Sums
+
+    sums = _Sums(2, 3)
+    sums.cos[:] = [4.0, 3.0]
+    sums.sq[:] = [2.0, 1.0]
+    sums.count = 4
+    sums.cos_t[:, 0] = 1.0
+    sums.sq_t[:, 0] = 0.5
+    sums.count_t[0] = 1
+    out = _summary(sums, var=np.array([0.0, 2.0]), energy=np.array([0.0, 4.0]))
+    json.dumps(out, allow_nan=False)  # valid JSON: no Infinity / NaN
+    assert out["nmse"] == [None, 0.125] and out["rel_mse"] == [None, 0.0625]
+    assert out["mean_nmse"] is None and out["mean_rel_mse"] is None
+    assert out["mean_cosine"] == pytest.approx(0.875)
+    assert out["by_position"]["nmse"][0][0] is None and out["by_position"]["nmse"][1][0] == 0.25
+
+
+def test_an_empty_cache_is_an_ia2error_not_an_assertion() -> None:
+    from types import SimpleNamespace
+
+    from ia2cache.analyze import _variance
+
+    with pytest.raises(IA2Error, match="holds no rows"):
+        _variance(SimpleNamespace(n_rows=0, path="/x/cache"), None, [0], "attn", 8)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", "a\\b", ""])
+def test_names_that_leave_out_are_refused(name: str, tmp_path: Path) -> None:
+    from ia2cache.analyze import check_name, write
+
+    with pytest.raises(IA2Error, match="--name"):
+        check_name(name)
+    with pytest.raises(IA2Error, match="--name"):
+        write({"labels": [], "matrix": [], "pairs": []}, tmp_path / "out", name, "overlap")
+    assert not any(tmp_path.rglob("*.json"))
+    assert check_name("similarity-task-n16-s0") == "similarity-task-n16-s0"
+
+
+def test_overlap_with_a_torn_run_json_names_the_file(tmp_path: Path) -> None:
+    d = _fake_lora(tmp_path / "a", {0: torch.eye(24)[:, :4]}, r=4)
+    (d / "run.json").write_text('{"config": ')
+    with pytest.raises(IA2Error, match=r"a/run\.json: not a readable JSON file"):
+        overlap([str(d)])
+
+
+def test_similarity_reads_a_cache_in_a_remote_store(env: dict[str, Any]) -> None:
+    """--store memory://... (an fsspec URL) reads the same cache as the local store."""
+    import fsspec
+
+    key = env["eval"].key
+    fs = fsspec.filesystem("memory")
+    root = "/h2-analyze-remote/store"
+    fs.put(str(env["eval"].cache), f"{root}/{key}", recursive=True)
+    try:
+        remote = similarity(SimilarityConfig(cache=key, store=f"memory://{root}",
+                                             adapters=(str(env["adapter"]),)))
+        local = similarity(SimilarityConfig(cache=key, store=env["common"]["store"],
+                                            adapters=(str(env["adapter"]),)))
+    finally:
+        fs.rm(root, recursive=True)
+    assert remote["cache"] == f"memory://{root}/{key}"
+    assert remote["rows"] == local["rows"] == 13
+    for r, lo in zip(remote["methods"], local["methods"], strict=True):
+        assert r["cosine"] == lo["cosine"] and r["nmse"] == lo["nmse"]

@@ -90,6 +90,8 @@ def w(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_tok: 
     shutil.copytree(done.cache, elsewhere / "cache_copy")  # a real cache, outside the store
     (store / "escape_cache").symlink_to(elsewhere / "cache_copy")
     (d / "a_file").write_text("x")
+    shutil.copytree(adapter, d / "adapter_badrun")  # an adapter whose run.json is torn
+    (d / "adapter_badrun" / "run.json").write_text('{"model_spec": ')
     return {
         "d": d,
         "model": str(tiny_model_dir),
@@ -347,6 +349,11 @@ CASES: list[tuple[str, A, list[str]]] = [
     ),
     ("eval-adapter-is-a-cache", _a("eval", "--adapter", "{cache}", "--task", "{task}"), ["--adapter"]),
     (
+        "eval-adapter-torn-run-json",
+        _a("eval", "--adapter", "{d}/adapter_badrun", "--task", "{task}"),
+        ["{d}/adapter_badrun/run.json", "JSON"],
+    ),
+    (
         "eval-adapter-on-other-model",
         _a("eval", "--adapter", "{adapter}", "--model", "{other}", "--task", "{task}"),
         ["--adapter", "--model", "fingerprint"],
@@ -523,6 +530,28 @@ CASES: list[tuple[str, A, list[str]]] = [
         "analyze-overlap-not-an-adapter",
         _a("analyze", "overlap", "--adapter", "{cache}", "--adapter", "{adapter}", "--out", "{d}/an9"),
         ["--adapter", "{cache}"],
+    ),
+    (
+        "analyze-overlap-torn-run-json",
+        _a("analyze", "overlap", "--adapter", "{d}/adapter_badrun", "--out", "{d}/an10"),
+        ["{d}/adapter_badrun/run.json", "JSON"],
+    ),
+    (
+        "analyze-similarity-torn-run-json",
+        _a("analyze", "similarity", "--cache", "{key}", "--store", "{store}", "--adapter",
+           "{d}/adapter_badrun", "--out", "{d}/an11"),
+        ["{d}/adapter_badrun/run.json", "JSON"],
+    ),
+    (
+        "analyze-overlap-name-escapes-out",
+        _a("analyze", "overlap", "--adapter", "{adapter}", "--name", "../../x", "--out", "{d}/an12/sub"),
+        ["--name", "../../x"],
+    ),
+    (
+        "analyze-similarity-name-escapes-out",
+        _a("analyze", "similarity", "--cache", "{key}", "--store", "{store}", "--name", "../x", "--out",
+           "{d}/an13"),
+        ["--name", "../x"],
     ),
     (
         "analyze-overlap-out-under-a-file",

@@ -344,3 +344,23 @@ def test_icl_capture_inside_decoding_equals_teacher_forced_pass(env: dict[str, A
     assert 1 <= teacher.forwards <= 4
     ids, mask = pad([list(p.teacher_ids) for p in pairs], tok.pad_token_id, left=True)
     assert teacher.tokens <= int(mask.sum()) + 3 * len(pairs)
+
+
+def test_decode_stops_at_the_token_that_ends_the_response_and_bars_eos_first(loaded: Any) -> None:
+    from ia2cache.collect import Teacher
+    from ia2cache.prompts import response_length
+
+    tok = loaded.tokenizer
+    teacher = Teacher(loaded.model, tok, "attn", [0], 0)
+    assert tok.eos_token_id in teacher.eos
+    ids = tok.encode("up\n", add_special_tokens=False)
+    # The token that completes the stop string ends the row at once, not one step later.
+    assert teacher._finished(ids, "\n") and not teacher._finished(ids[:-1], "\n")
+    assert response_length(tok, ids + [5, 6], "\n", teacher.eos) == len(ids)
+    assert teacher._finished([7, tok.eos_token_id], "")
+    logits = torch.zeros((2, len(tok)))
+    logits[:, tok.eos_token_id] = 10.0
+    logits[1, 3] = 5.0
+    first = teacher._greedy(logits, first=True)
+    assert tok.eos_token_id not in first and first[1] == 3
+    assert teacher._greedy(logits, first=False) == [tok.eos_token_id] * 2

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -158,9 +159,16 @@ def test_rerun_of_a_finished_run_is_reused(env: dict[str, Any], tmp_path: Path,
     def no_model(*a: Any, **k: Any) -> Any:
         raise AssertionError("a reused run must not load the model")
 
+    def no_check(*a: Any, **k: Any) -> Any:  # a finished run in a read-only --out stays usable
+        raise IA2Error(f"--out {a[0]}: is not writable")
+
     monkeypatch.setattr(distill_mod, "load_model", no_model)
+    monkeypatch.setattr(distill_mod, "check_writable_dir", no_check)
     again = distill(cfg)
     assert again.reused and not first.reused and again.best_epoch == first.best_epoch
+    # A run still to do checks --out first, before any model is loaded.
+    with pytest.raises(IA2Error, match="is not writable"):
+        distill(replace(cfg, out=str(tmp_path / "new")))
 
 
 _CHILD = """

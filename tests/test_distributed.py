@@ -131,6 +131,119 @@ def test_helpers_are_no_ops_in_one_process(monkeypatch: pytest.MonkeyPatch) -> N
         distributed.init()
 
 
+def test_each_rank_computes_on_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun with CUDA, rank r binds cuda:LOCAL_RANK before joining an NCCL+gloo group
+    (CUDA mocked: these machines have none)."""
+    import torch.distributed as dist
+
+    from ia2cache.models import default_device
+
+    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(v, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.device() == default_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert default_device() == torch.device("cuda")  # one process: the current GPU
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    assert distributed.device() == default_device() == torch.device("cuda", 2)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    with pytest.raises(IA2Error, match="LOCAL_RANK=5 but only 4 CUDA devices"):
+        distributed.device()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # one GPU shown to each rank
+    assert distributed.device() == torch.device("cuda", 0)
+    # init: set_device(cuda:LOCAL_RANK), then the group with NCCL for CUDA tensors.
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "1")
+    calls: list[Any] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, **kw: calls.append(("group", backend, kw["rank"], kw["world_size"])))
+    assert distributed.init() is True
+    assert calls == [("set_device", torch.device("cuda", 3)), ("group", "cpu:gloo,cuda:nccl", 3, 4)]
+    calls.clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no CUDA: gloo, no GPU bound
+    assert distributed.init() is True
+    assert calls == [("group", "gloo", 3, 4)]
+
+
+def _collective_worker(out: str) -> None:
+    """One rank of :func:`test_collectives_send_json_and_safetensors_not_pickle` (run as a
+    subprocess with RANK/WORLD_SIZE/MASTER_* set)."""
+    import torch.distributed as dist
+
+    def no_pickle(*a: Any, **k: Any) -> None:
+        raise AssertionError("pickled collective used")
+
+    dist.broadcast_object_list = no_pickle  # type: ignore[assignment]
+    dist.all_gather_object = no_pickle  # type: ignore[assignment]
+    me = distributed.rank()
+    res: dict[str, Any] = {}
+    obj = {"a": [1, 2.5, None, "é"], "nan": float("nan"), "inf": float("inf")} if me == 0 else None
+    got = distributed.broadcast_object(obj)
+    res["obj"] = [got["a"], str(got["nan"]), got["inf"]]
+    res["tuple"] = distributed.broadcast_object(((1, 2), {"k": 3}) if me == 0 else None)
+    res["empty"] = distributed.broadcast_object("" if me == 0 else None)
+    src = {"w": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3), "step": torch.tensor(7.0),
+           "ids": torch.tensor([3, -1], dtype=torch.int64)}
+    t = distributed.broadcast_tensors(src if me == 0 else None)
+    res["tensors"] = {k: [str(v.dtype), list(v.shape), v.float().tolist()] for k, v in sorted(t.items())}
+    res["no_tensors"] = distributed.broadcast_tensors({} if me == 0 else None)
+
+    def fails() -> int:
+        raise OSError(28, "No space left on device", "/full/disk")
+
+    try:
+        distributed.rank0_call(fails)
+        res["error"] = None
+    except IA2Error as e:
+        res["error"] = ["IA2Error", str(e)]
+    except OSError as e:
+        res["error"] = ["OSError", str(e)]
+    res["value"] = distributed.rank0_call(lambda: {"missing": [1, 3]})
+    distributed.barrier()
+    Path(out).write_text(json.dumps(res))
+
+
+def test_collectives_send_json_and_safetensors_not_pickle(tmp_path: Path) -> None:
+    """Two real gloo ranks (plain subprocesses, no torchrun): objects as JSON, tensors as
+    safetensors, and rank 0's error reaches rank 1 as an IA2Error instead of a hang."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for r in range(2):
+        env = {**os.environ, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "IA2CACHE_DIST_TIMEOUT": "60",
+               "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        out = str(tmp_path / f"r{r}.json")
+        code = f"from tests.test_distributed import _collective_worker; _collective_worker({out!r})"
+        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for p in procs:
+        _, stderr = p.communicate(timeout=120)
+        assert p.returncode == 0, stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"r{r}.json").read_text()) for r in range(2))
+    assert r0["obj"] == r1["obj"] == [[1, 2.5, None, "é"], "nan", float("inf")]
+    assert r1["tuple"] == [[1, 2], {"k": 3}] and r1["empty"] == ""
+    assert r0["tensors"] == r1["tensors"] == {
+        "ids": ["torch.int64", [2], [3.0, -1.0]], "step": ["torch.float32", [], 7.0],
+        "w": ["torch.bfloat16", [2, 3], [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]]}
+    assert r1["no_tensors"] == {}
+    assert r0["error"][0] == "OSError"  # rank 0 keeps its own exception
+    assert r1["error"] == ["IA2Error", "rank 0: /full/disk: No space left on device"]
+    assert r0["value"] == r1["value"] == {"missing": [1, 3]}
+
+
 @pytest.fixture(scope="module")
 def t1_cache(env: dict[str, Any]) -> str:
     with _one_thread():
@@ -254,3 +367,44 @@ def test_torchrun_distill_matches_single_process(env: dict[str, Any], t1_cache: 
         after = peft(input_ids=ids).logits
     assert not torch.allclose(before, after)
     assert np.isfinite(after.numpy()).all()
+
+
+_NAN_ON_RANK_1 = """
+import os, sys, torch
+import ia2cache.collect as c
+real = c.load_model
+def poisoned(*a, **k):
+    loaded = real(*a, **k)
+    if os.environ["RANK"] == "1":  # a teacher that overflows on this rank only
+        with torch.no_grad():
+            for p in loaded.model.parameters():
+                p.fill_(float("nan"))
+    return loaded
+c.load_model = poisoned
+from cli.main import main
+sys.argv = ["ia2cache", *[a for a in sys.argv[1:2] if a != "--"], *sys.argv[2:]]
+main()
+"""
+
+
+def test_a_failing_rank_stops_the_job_promptly(env: dict[str, Any], tmp_path: Path) -> None:
+    """Rank 1's teacher gives NaN: it refuses its shard and exits 2 at once; torchrun's agent then
+    stops rank 0, which waits at the barrier, long before the collective timeout (1800 s)."""
+    import time
+
+    e = {**os.environ, "OMP_NUM_THREADS": "1", "IA2CACHE_HOME": str(tmp_path / "home"),
+         "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "IA2CACHE_FAULT",
+              "IA2CACHE_DIST_TIMEOUT"):
+        e.pop(v, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "--no-python", sys.executable, "-c", _NAN_ON_RANK_1, "--",
+           *_collect_args(env, tmp_path / "store", t=1)]
+    t0 = time.monotonic()
+    p = subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+    took = time.monotonic() - t0
+    assert p.returncode != 0, p.stderr[-3000:]
+    assert "the teacher produced non-finite activations" in p.stderr, p.stderr[-3000:]
+    assert took < 90, f"the job took {took:.0f} s to stop"
+    caches = list((tmp_path / "store").iterdir())
+    assert len(caches) == 1 and Cache.open(caches[0]).status == "partial"

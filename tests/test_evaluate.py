@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -8,7 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from ia2cache.evaluate import EvalConfig, evaluate
+from ia2cache.errors import IA2Error
+from ia2cache.evaluate import (
+    EvalConfig,
+    _score_generate,
+    agreement_rate,
+    effective_max_new,
+    evaluate,
+    load_adapter,
+    read_run_record,
+)
 from ia2cache.metrics import ece_equal_mass, ece_equal_width
 from ia2cache.prompts import build_eval_pairs
 from ia2cache.tasks import Task, is_single_token, load_task
@@ -81,3 +92,117 @@ def test_accuracy_on_a_constructed_case(tiny_tok: Any, tmp_path: Path) -> None:
     assert r["accuracy"] == pytest.approx(gold_hot)
     assert r["confidence"] == pytest.approx(1.0)
     assert r["ece_equal_width"] == pytest.approx(1.0 - gold_hot)
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+
+def _multi_task(tmp_path: Path, card: dict[str, Any], name: str = "m.jsonl") -> Task:
+    """A multi-token task (targets of 2-3 words) with ``card`` merged into its card."""
+    words = ["hot", "up", "big", "go", "ocean", "paper", "music"]
+    lines = [json.dumps({"input": f"{words[i % 7]} {i}", "target": f"{words[(i * 3) % 7]} {words[i % 5]} x"})
+             for i in range(40)]
+    t = load_task(str(write_jsonl(tmp_path / name, lines)))
+    return dataclasses.replace(t, card={**t.card, **card})
+
+
+def test_context_check_uses_the_generated_length(tiny_tok: Any, tiny_model: Any, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A card's max_new_tokens (hf:gsm8k: 256) is what generation uses, so the context check must
+    count it too: a prompt that fits with 1 new token but not with 256 is refused up front."""
+    task = _multi_task(tmp_path, {"max_new_tokens": 256})
+    assert not is_single_token(task, tiny_tok)
+    pairs = build_eval_pairs(task, tiny_tok, k=0, seed=0, n_eval=6)
+    longest = max(len(p.student_ids) for p in pairs)
+    assert effective_max_new(task, pairs) == 256
+    assert effective_max_new(task, pairs, 5) == 5
+    plain = _multi_task(tmp_path, {}, "plain.jsonl")
+    assert effective_max_new(plain, pairs) == max(len(p.target_ids) for p in pairs) + 4
+    monkeypatch.setattr(tiny_model.config, "max_position_embeddings", longest + 10)
+    with pytest.raises(IA2Error, match=r"\+ 256 new token\(s\) exceeds the model's context"):
+        evaluate(tiny_model, tiny_tok, task, EvalConfig(mode="base", n_eval=6))
+    # --max-new-tokens 4 fits: the same check lets it through and generation runs.
+    r = evaluate(tiny_model, tiny_tok, task, EvalConfig(mode="base", n_eval=6, max_new_tokens=4))
+    assert r["n_eval"] == 6
+
+
+def test_agreement_rate_never_counts_unparsable_answers() -> None:
+    res = {"answers": np.array([None, "1", "2", None], dtype=object)}
+    teacher = {"answers": np.array([None, "1", "3", "4"], dtype=object)}
+    assert agreement_rate(res, teacher) == pytest.approx(0.25)  # only row 1
+    assert agreement_rate({"pred": np.array([3, 4])}, {"pred": np.array([3, 5])}) == pytest.approx(0.5)
+
+
+def test_agreement_with_a_parser_excludes_rows_both_fail_to_parse(tiny_tok: Any, tiny_model: Any,
+                                                                  tmp_path: Path) -> None:
+    """The tiny random model never writes '#### n': its answers and the teacher's are all None,
+    which must not count as agreeing."""
+    lines = [json.dumps({"input": f"what is {i} plus one", "target": f"#### {i + 1}"}) for i in range(30)]
+    task = load_task(str(write_jsonl(tmp_path / "h.jsonl", lines)))
+    task = dataclasses.replace(task, card={**task.card, "parser": "hash"})
+    cfg = EvalConfig(mode="base", k=2, n_eval=8, agreement=True, max_new_tokens=3, batch_size=4)
+    r = evaluate(tiny_model, tiny_tok, task, cfg)
+    dev = next(tiny_model.parameters()).device
+    base_pairs = build_eval_pairs(task, tiny_tok, k=0, seed=0, n_eval=8)
+    icl_pairs = build_eval_pairs(task, tiny_tok, k=2, seed=0, n_eval=8)
+    mine = _score_generate(tiny_model, tiny_tok, task, base_pairs, "base", 4, dev, 3)["answers"]
+    theirs = _score_generate(tiny_model, tiny_tok, task, icl_pairs, "icl", 4, dev, 3)["answers"]
+    both_none = sum(a is None and b is None for a, b in zip(mine, theirs, strict=True))
+    assert both_none > 0  # the case under test occurs
+    want = np.mean([a is not None and a == b for a, b in zip(mine, theirs, strict=True)])
+    assert r["agreement_with_icl"] == pytest.approx(want)
+    assert r["agreement_with_icl"] <= 1 - both_none / 8
+
+
+def test_a_torn_run_json_is_an_ia2error_naming_the_file(tmp_path: Path) -> None:
+    (tmp_path / "adapter_config.json").write_text("{}")
+    (tmp_path / "run.json").write_text('{"model_spec": ')
+    with pytest.raises(IA2Error, match=r"run\.json: not a readable JSON file"):
+        load_adapter(tmp_path)
+    (tmp_path / "run.json").write_text("[1, 2]")
+    with pytest.raises(IA2Error, match="expected a JSON object"):
+        read_run_record(tmp_path)
+    (tmp_path / "run.json").unlink()
+    assert read_run_record(tmp_path) == {}
+    with pytest.raises(IA2Error, match="no run.json"):
+        read_run_record(tmp_path, required=True)
+
+
+def test_eval_adapter_with_model_reports_that_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """--model X with --adapter: X (same weights, another path) is what was loaded and reported."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from ia2cache.models import load_model
+
+    copy = tmp_path / "model-copy"
+    shutil.copytree(tiny_model_dir, copy)
+    lm = load_model(str(tiny_model_dir), device="cpu")
+    adapter = tmp_path / "adapter"
+    get_peft_model(lm.model, LoraConfig(r=2, target_modules=["q_proj"], task_type=TaskType.CAUSAL_LM)
+                   ).save_pretrained(adapter)
+    (adapter / "run.json").write_text(json.dumps({
+        "model_spec": str(tiny_model_dir),
+        "cache_manifest": {"model": {"name": "tiny", "fingerprint": lm.info.fingerprint}}}))
+    task = write_jsonl(tmp_path / "t.jsonl", [json.dumps({"input": f"x{i}", "target": "hot"})
+                                              for i in range(20)])
+    runner = CliRunner()
+    argv = ["eval", "--task", str(task), "--adapter", str(adapter), "--n-eval", "4", "--json"]
+    r = runner.invoke(app, argv)
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["model"]["name"] == str(tiny_model_dir)
+    r = runner.invoke(app, [*argv, "--model", str(copy)])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["model"] == {"name": str(copy), "adapter": str(adapter)}
+
+
+def test_eval_model_help_is_one_clear_sentence() -> None:
+    import typer.main
+
+    from cli.main import app
+
+    cmd = typer.main.get_command(app).commands["eval"]  # type: ignore[attr-defined]
+    text = next(p.help for p in cmd.params if p.name == "model")
+    assert "default and required" not in text and "(when not given)" not in text
+    assert "With --adapter: default the adapter's own base model" in text

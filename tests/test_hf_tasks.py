@@ -267,3 +267,29 @@ def test_tasks_command_lists_the_hf_registry() -> None:
     assert set(rows) == {f"hf:{n}" for n in SPECS}
     assert rows["hf:sst2"]["ood_eval"] == ["hf:fins", "hf:poems"]
     assert rows["hf:gsm8k"]["parser"] == "hash" and rows["hf:hmatha"]["parser"] == "boxed"
+
+
+def test_without_datasets_hf_tasks_say_how_to_install_it_and_exit_2(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A core install (no `datasets`, an optional extra): hf:NAME is an IA2Error naming the extra,
+    not a ModuleNotFoundError traceback; `ia2cache tasks` still lists the registry."""
+    import sys
+
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    d = write_fixture(tmp_path, "sst2")
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # `import datasets` raises ImportError
+    for spec in ("hf:sst2", f"hf:sst2@{d}"):
+        with pytest.raises(IA2Error, match=r'hf:sst2: .*`datasets`.*pip install -e "\.\[hf\]"'):
+            load_task(spec)
+    r = CliRunner().invoke(app, ["eval", "--task", "hf:sst2", "--base", "--model", str(tmp_path)])
+    assert r.exit_code == 2, r.output
+    assert ".[hf]" in r.output and "pip install datasets" in r.output
+    assert "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["tasks", "--json"])
+    assert r.exit_code == 0, r.output
+    assert "hf:sst2" in {t["name"] for t in json.loads(r.stdout)["hf_tasks"]}

@@ -271,3 +271,30 @@ def test_verify_reports_nan_recorded_in_a_ledger(clean: Path, tmp_path: Path) ->
     probs = c.verify()
     assert [(p.array, p.rows, p.reason) for p in probs] == [
         (LAYER, (16, 24), "7 NaN values written by the teacher")]
+
+
+@pytest.mark.parametrize(("exc", "damage"), [(RuntimeError("blosc: decompression error"), True),
+                                             (AttributeError("a bug, not damage"), False),
+                                             (KeyError("a bug, not damage"), False)])
+def test_skip_damaged_skips_decode_errors_but_never_hides_a_bug(
+    clean: Path, monkeypatch: pytest.MonkeyPatch, exc: Exception, damage: bool
+) -> None:
+    """Under --skip-damaged, only what a damaged chunk raises (codec/zarr/IA2Error) drops rows; any
+    other exception while reading is a bug and must propagate instead of silently losing rows."""
+    real = Cache.read
+
+    def read(self: Cache, path: str, start: int, stop: int) -> Any:
+        if path == LAYER and start < 12 and stop > 8:  # the chunk of rows [8, 12)
+            raise exc
+        return real(self, path, start, stop)
+
+    monkeypatch.setattr(Cache, "read", read)
+    cfg = LoaderConfig(batch_size=4, split="train", skip_damaged=True, shuffle=False)
+    if damage:
+        loader = CacheLoader(clean, cfg)
+        assert loader.skipped_rows == 4
+        rows = sorted(int(r) for b in loader for r in b.rows)
+        assert rows == sorted(set(range(30)) - set(range(8, 12)))
+    else:
+        with pytest.raises(type(exc), match="a bug"):
+            CacheLoader(clean, cfg)

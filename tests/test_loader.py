@@ -488,3 +488,17 @@ def test_small_split_is_kept_in_memory_after_the_first_epoch(cache_path: str) ->
             for layer in x.acts:
                 assert torch.equal(x.acts[layer], y.acts[layer])
         assert kept.chunks_read == 8 and streamed.chunks_read == 8 * (epoch + 1)
+
+
+def test_a_batch_alone_is_its_own_global_batch() -> None:
+    z = torch.zeros(3, 2, dtype=torch.int64)
+    n = torch.full((3,), 2, dtype=torch.int64)
+
+    def batch(**kw: Any) -> Batch:
+        return Batch(rows=torch.arange(3), student_ids=z, student_len=n, response_ids=z, response_len=n,
+                     target_ids=z, target_len=n, student_positions=z, position_mask=z.bool(),
+                     acts={1: torch.zeros(3, 2, 4)}, **kw)
+
+    assert batch().global_rows == 3  # the docstring's "equals B alone"
+    assert batch().to("cpu").global_rows == 3
+    assert batch(global_rows=8).global_rows == 8  # a rank's share of a global batch of 8

@@ -231,3 +231,79 @@ def test_missing_bucket_is_refused_not_created(s3: dict[str, str], task: dict[st
     assert r.returncode == 2, r.stderr[-2000:]
     assert "--store s3://no-such-bucket-ia2/x: not writable" in r.stderr
     assert not s3fs.S3FileSystem().exists("no-such-bucket-ia2")
+
+
+def test_two_takers_of_a_stale_lock_one_wins(s3: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes of this host find the same dead holder's lock at the same moment (forced:
+    each waits for the other after reading it). Only one may take it over; the other is refused
+    (the old unconditional delete let the second delete the first's fresh lock and both 'hold')."""
+    import threading
+
+    from ia2cache import _fs
+
+    cache = location(f"s3://{BUCKET}/locks/race")
+    lock = cache / ".lock"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = {"host": socket.gethostname(), "pid": dead.pid, "token": "stale"}
+    lock.write_bytes(json.dumps(stale).encode())
+    both_read = threading.Barrier(2, timeout=30)
+    real_alive = _fs._pid_alive
+
+    def alive(pid: int) -> bool:
+        if pid == dead.pid:
+            both_read.wait()  # both have judged the same lock stale before either acts
+        return real_alive(pid)
+
+    monkeypatch.setattr(_fs, "_pid_alive", alive)
+    after = threading.Barrier(2, timeout=30)
+    results: dict[str, str] = {}
+
+    def taker(name: str) -> None:
+        try:
+            with remote_lock(cache):
+                results[name] = "held"
+                after.wait()  # hold it until the other one is done
+        except IA2Error as e:
+            results[name] = str(e)
+            after.wait()
+
+    threads = [threading.Thread(target=taker, args=(n,)) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == ["a", "b"]
+    assert sorted(results.values())[1] == "held", results  # "another ..." sorts before "held"
+    assert "another ia2cache process is writing" in sorted(results.values())[0], results
+    assert not lock.exists()  # the winner released it; the loser deleted nothing
+
+
+def test_stale_takeover_is_conditional(s3: dict[str, str]) -> None:
+    """_take_over replaces the stale object only while it is still the one read: S3 by If-Match
+    on its ETag, memory:// (no conditional PUT) by re-reading the holder first."""
+    from ia2cache._fs import _read_holder, _take_over
+
+    for url in (f"s3://{BUCKET}/locks/cond", "memory://ia2cache-locks/cond"):
+        lock = location(url) / ".lock"
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.write_bytes(b'{"host": "h", "pid": 1, "token": "old"}')
+        seen = _read_holder(lock)
+        assert _take_over(lock, seen, b'{"token": "first"}'), url
+        assert not _take_over(lock, seen, b'{"token": "second"}'), url  # too late: not stale now
+        assert _read_holder(lock) == {"token": "first"}, url
+        lock.unlink()
+
+
+def test_unreachable_store_is_exit_2_naming_the_url(tmp_path: Path) -> None:
+    """botocore's EndpointConnectionError is no OSError: still one line naming the URL, exit 2."""
+    port = _free_port()  # nothing listens there
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+           "AWS_MAX_ATTEMPTS": "1", "AWS_RETRY_MODE": "standard", "AWS_EC2_METADATA_DISABLED": "true"}
+    for args in (["ls", "--store", "s3://bucket/x"],
+                 ["verify", "0123456789abcdef", "--store", "s3://bucket/x"]):
+        r = _cli(args, env, tmp_path / "home")
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+        assert "s3://bucket/x" in r.stderr and "EndpointConnectionError" in r.stderr, r.stderr[-2000:]

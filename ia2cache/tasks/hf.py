@@ -275,8 +275,19 @@ def _split_file(folder: Path, split: str) -> Path | None:
     return None
 
 
+def _datasets(hs: HFSpec) -> Any:
+    """The ``datasets`` module, or IA2Error saying how to install it (an optional extra)."""
+    try:
+        import datasets
+    except ImportError as exc:
+        raise IA2Error(f"--task hf:{hs.name}: hf:NAME tasks need the Hugging Face `datasets` library, "
+                       f"which is not installed ({exc}); install it with `pip install -e \".[hf]\"` "
+                       "(or `pip install datasets`)") from None
+    return datasets
+
+
 def _read_local(hs: HFSpec, path: Path, split: str) -> Any:
-    import datasets
+    datasets = _datasets(hs)
 
     file = path if path.is_file() else _split_file(path, split)
     if file is None:
@@ -292,7 +303,7 @@ def _read_local(hs: HFSpec, path: Path, split: str) -> Any:
 
 
 def _read_hub(hs: HFSpec, split: str) -> Any:
-    import datasets
+    datasets = _datasets(hs)
 
     try:
         return datasets.load_dataset(hs.dataset, hs.config, split=split)
@@ -378,10 +389,6 @@ def load_hf(spec: str, template: str | None = None, separator: str | None = None
         source=f"hf:{hs.name}",
         card=hs.card(data_from),
     )
-
-
-def is_hf(spec: str) -> bool:
-    return spec.startswith("hf:")
 
 
 def registry_rows() -> list[dict[str, Any]]:
