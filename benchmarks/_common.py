@@ -52,7 +52,9 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], t: int
 
     pad_id = tokenizer.pad_token_id
     ids, mask = pad(prompts, pad_id, left=True, device=next(model.parameters()).device)
+    # stop_strings: generate, like collect, ends a batch once every row has hit the stop string.
+    extra = {"stop_strings": [stop], "tokenizer": tokenizer} if stop else {}
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=t, min_new_tokens=1,
-                         do_sample=False, pad_token_id=pad_id)
+                         do_sample=False, pad_token_id=pad_id, **extra)
     new = out[:, ids.shape[1]:].tolist()
     return [r[: response_length(tokenizer, r, stop)] for r in new]

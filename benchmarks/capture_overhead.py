@@ -4,8 +4,8 @@ Both sides do the same model work on the same rows (default model, task antonyms
 k=8, T in {1, 8}), micro-batch by micro-batch (``--batch-size`` rows, inside shards of 32 rows
 as collect forms them):
 
-- **bare**: for T>1 transformers' batched KV-cached greedy ``generate``
-  (``benchmarks._common.greedy_generate``), which is all the model work an ICL response
+- **bare**: for T>1 transformers' batched KV-cached greedy ``generate`` with the task's stop
+  string (``benchmarks._common.greedy_generate``), which is all the model work an ICL response
   needs: collect captures inside its own decode loop and runs no second pass. For T=1 a
   single forward whose argmax at the last prompt token is the response: with
   ``--bare-head aligned`` (the default) the decoder plus its final norm, with the LM head at

@@ -34,6 +34,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -659,22 +660,20 @@ def collect(config: CollectConfig, loaded: Any | None = None,
             progress(done_rows, cache.n_rows, 0)
         rows_computed = 0
         fault_point("collect.before_first_shard")
-        for shard in mine:
-            a, b = cache.shard_rows(shard)
-            pairs = list(plan.rows[a:b])
-            # Micro-batches of similar length waste less compute on padding; the order is a
-            # pure function of the shard's rows, so a resumed shard batches identically.
-            order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i].teacher_ids), i))
-            by_len = [pairs[i] for i in order]
-            results = [
-                teacher.run(by_len[i : i + batch_size], plan.t, config.response, config.positions,
-                            plan.task.stop, plan.p_slots)
-                for i in range(0, len(by_len), batch_size)
-            ]
-            data = _shard_data(plan, config, by_len, results, pool_index)
-            back = np.argsort(order)
+        # Shard s is written by one background writer while shard s+1 is computed; at most one
+        # write is in flight, so ledger entries still land in shard order, and any write error
+        # surfaces before the next shard is handed over (or at the end).
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ia2cache-writer")
+        pending: tuple[Future, int, int] | None = None
+
+        def settle() -> None:
+            nonlocal pending, rows_computed, done_rows
+            if pending is None:
+                return
+            fut, shard, n = pending
+            pending = None
             try:
-                cache.write_shard(shard, {path: arr[back] for path, arr in data.items()})
+                fut.result()
             except OSError as exc:
                 # Disk full, quota, read-only remount: the shard has no ledger entry, so the
                 # cache stays partial and a rerun recomputes exactly the missing shards.
@@ -683,10 +682,32 @@ def collect(config: CollectConfig, loaded: Any | None = None,
                     f"the cache is left partial with {len(cache.done_shards())} of {cache.n_shards} "
                     "shards done: free space and rerun the same command to resume"
                 ) from exc
-            rows_computed += b - a
-            done_rows += b - a
+            rows_computed += n
+            done_rows += n
             if progress:
                 progress(done_rows, cache.n_rows, teacher.tokens)
+
+        try:
+            for shard in mine:
+                a, b = cache.shard_rows(shard)
+                pairs = list(plan.rows[a:b])
+                # Micro-batches of similar length waste less compute on padding; the order is a
+                # pure function of the shard's rows, so a resumed shard batches identically.
+                order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i].teacher_ids), i))
+                by_len = [pairs[i] for i in order]
+                results = [
+                    teacher.run(by_len[i : i + batch_size], plan.t, config.response, config.positions,
+                                plan.task.stop, plan.p_slots)
+                    for i in range(0, len(by_len), batch_size)
+                ]
+                data = _shard_data(plan, config, by_len, results, pool_index)
+                back = np.argsort(order)
+                settle()
+                pending = (writer.submit(cache.write_shard, shard,
+                                         {k: arr[back] for k, arr in data.items()}), shard, b - a)
+            settle()
+        finally:
+            writer.shutdown(wait=True)  # never leave a write running behind an error
         seconds = round(time.perf_counter() - t0, 3)
         distributed.barrier()  # every rank's shards and ledger entries are in place
         if distributed.is_main():

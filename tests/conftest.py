@@ -37,3 +37,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tiny_tok: Any) -> P
 def write_task(path: Path, pairs: Iterable[tuple[str, str]]) -> Path:
     """A JSONL task file from (input, target) pairs."""
     return write_jsonl(path, [json.dumps({"input": x, "target": y}) for x, y in pairs])
+
+
+WORDS = ["hot", "up", "big", "walk", "go", "France", "Spain", "Italy", "The food was great"]
+
+
+def mixed_length_env(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, name: str) -> dict[str, Any]:
+    """A 90-example JSONL task whose inputs have very different lengths (so micro-batches mix
+    short and long rows), with the tiny model: ``{"dir", "model", "task"}``."""
+    d = tmp_path_factory.mktemp(name)
+    write_task(d / "task.jsonl", ((" ".join(WORDS[: 1 + (i * 5) % 9]) + f" {i}", WORDS[(i * 3) % 5])
+                                  for i in range(90)))
+    return {"dir": d, "model": str(model_dir), "task": str(d / "task.jsonl")}

@@ -20,18 +20,12 @@ from ia2cache.prompts import PromptConfig, build_pairs
 from ia2cache.sites import SITES, decoder_layers
 from ia2cache.store import Cache
 from ia2cache.tasks import load_task
-from tests.conftest import write_task
-
-WORDS = ["hot", "up", "big", "walk", "go", "France", "Spain", "Italy", "The food was great"]
+from tests.conftest import mixed_length_env
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Any]:
-    d = tmp_path_factory.mktemp("collect")
-    # Inputs of very different lengths, so batches mix short and long rows.
-    write_task(d / "task.jsonl", ((" ".join(WORDS[: 1 + (i * 5) % 9]) + f" {i}", WORDS[(i * 3) % 5])
-                                  for i in range(90)))
-    return {"dir": d, "model": str(tiny_model_dir), "task": str(d / "task.jsonl")}
+    return mixed_length_env(tmp_path_factory, tiny_model_dir, "collect")
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,9 @@ import torch
 from safetensors.torch import load_file
 
 from ia2cache.store import VOLATILE_FIELDS, Cache
-from tests.conftest import write_task
+from tests.conftest import mixed_length_env
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ["hot", "up", "big", "walk", "go", "France", "Spain", "Italy", "The food was great"]
 # 30 train + 15 dev rows in 6 shards of 8 rows (the last one short), top-k logits included.
 COLLECT = ["--n", "30", "--k", "4", "--batch-size", "2", "--shard-rows", "8", "--max-new-tokens", "2",
            "--topk-logits", "3", "--dtype", "bf16"]
@@ -46,10 +45,7 @@ def _cli(*args: str, timeout: float = 300, **env: str) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Any]:
-    d = tmp_path_factory.mktemp("faults")
-    write_task(d / "task.jsonl", ((" ".join(WORDS[: 1 + (i * 5) % 9]) + f" {i}", WORDS[(i * 3) % 5])
-                                  for i in range(90)))
-    return {"dir": d, "model": str(tiny_model_dir), "task": str(d / "task.jsonl")}
+    return mixed_length_env(tmp_path_factory, tiny_model_dir, "faults")
 
 
 def _collect(env: dict[str, Any], store: Path, **fault_env: str) -> subprocess.CompletedProcess:

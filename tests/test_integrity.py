@@ -21,19 +21,15 @@ from ia2cache.errors import IA2Error
 from ia2cache.loader import CacheLoader, LoaderConfig
 from ia2cache.models import load_model
 from ia2cache.store import Cache
-from tests.conftest import write_task
+from tests.conftest import mixed_length_env
 
 ROOT = Path(__file__).resolve().parent.parent
-WORDS = ["hot", "up", "big", "walk", "go", "France", "Spain", "Italy", "The food was great"]
 LAYER = "acts/attn/layer_001"
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Any]:
-    d = tmp_path_factory.mktemp("integrity")
-    write_task(d / "task.jsonl", ((" ".join(WORDS[: 1 + (i * 5) % 9]) + f" {i}", WORDS[(i * 3) % 5])
-                                  for i in range(90)))
-    return {"dir": d, "model": str(tiny_model_dir), "task": str(d / "task.jsonl")}
+    return mixed_length_env(tmp_path_factory, tiny_model_dir, "integrity")
 
 
 @pytest.fixture(scope="module")

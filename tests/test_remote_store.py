@@ -25,10 +25,9 @@ from ia2cache.collect import CollectConfig, collect
 from ia2cache.distill import DistillConfig, distill
 from ia2cache.errors import IA2Error
 from ia2cache.store import Cache, list_caches, resolve_cache
-from tests.conftest import write_task
+from tests.conftest import mixed_length_env
 
 ROOT = Path(__file__).resolve().parents[1]
-WORDS = ["hot", "up", "big", "walk", "go", "France", "Spain", "Italy", "The food was great"]
 BUCKET = "ia2cache-test"
 
 try:
@@ -84,10 +83,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[str, Any]:
-    d = tmp_path_factory.mktemp("remote")
-    write_task(d / "task.jsonl", ((" ".join(WORDS[: 1 + (i * 5) % 9]) + f" {i}", WORDS[(i * 3) % 5])
-                                  for i in range(90)))
-    return {"dir": d, "model": str(tiny_model_dir), "task": str(d / "task.jsonl")}
+    return mixed_length_env(tmp_path_factory, tiny_model_dir, "remote")
 
 
 def _cli(args: list[str], s3_env: dict[str, str], home: Path, **extra: str) -> subprocess.CompletedProcess:
