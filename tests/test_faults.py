@@ -244,6 +244,20 @@ done
 """
 
 
+def _in_private_mount(tmp_path: Path, env: dict[str, Any],
+                      script: str) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """Run a shell ``script`` in a private user+mount namespace with $MNT (a mount point), $OUT
+    (for its outputs), $MODEL, $TASK and the collect $ARGS set; returns (the run, $MNT, $OUT)."""
+    mnt, out = tmp_path / "mnt", tmp_path / "out"
+    mnt.mkdir()
+    out.mkdir()
+    e = _env(MNT=str(mnt), OUT=str(out), MODEL=env["model"], TASK=env["task"], ARGS=" ".join(COLLECT))
+    e["PATH"] = f"{Path(sys.executable).parent}:{e.get('PATH', '')}"
+    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script], cwd=ROOT,
+                       env=e, capture_output=True, text=True, timeout=600)
+    return r, mnt, out
+
+
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unprivileged user+mount namespaces for a tmpfs")
 def test_real_full_disk_exits_2_leaves_partial_and_resumes(env: dict[str, Any], clean: Path,
                                                           tmp_path: Path) -> None:
@@ -251,13 +265,7 @@ def test_real_full_disk_exits_2_leaves_partial_and_resumes(env: dict[str, Any], 
     the shards, (3) when the manifest is marked complete: exit 2 naming the store and what
     failed, the cache never marked complete; after space is freed the rerun completes to a cache
     equal to an uninterrupted run."""
-    mnt, out = tmp_path / "mnt", tmp_path / "out"
-    mnt.mkdir()
-    out.mkdir()
-    e = _env(MNT=str(mnt), OUT=str(out), MODEL=env["model"], TASK=env["task"], ARGS=" ".join(COLLECT))
-    e["PATH"] = f"{Path(sys.executable).parent}:{e.get('PATH', '')}"
-    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", _DISK_FULL], cwd=ROOT,
-                       env=e, capture_output=True, text=True, timeout=600)
+    r, mnt, out = _in_private_mount(tmp_path, env, _DISK_FULL)
     ref_err = (out / "ref.err").read_text() if (out / "ref.err").exists() else ""
     assert r.returncode == 0, (r.returncode, r.stderr, ref_err)
     phases = (("create", "creating cache"), ("mid", "writing shard"), ("finalize", "complete failed"))
@@ -302,13 +310,7 @@ def test_read_only_store_refuses_new_caches_and_serves_complete_ones(env: dict[s
     """A store on a read-only file system (a real ro mount, which binds root too): a new cache
     is refused with exit 2 naming the store; a complete one is reused, verified and trained from;
     an --out on it is refused naming --out."""
-    mnt, out = tmp_path / "mnt", tmp_path / "out"
-    mnt.mkdir()
-    out.mkdir()
-    e = _env(MNT=str(mnt), OUT=str(out), MODEL=env["model"], TASK=env["task"], ARGS=" ".join(COLLECT))
-    e["PATH"] = f"{Path(sys.executable).parent}:{e.get('PATH', '')}"
-    r = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", _READ_ONLY], cwd=ROOT,
-                       env=e, capture_output=True, text=True, timeout=600)
+    r, mnt, out = _in_private_mount(tmp_path, env, _READ_ONLY)
     assert r.returncode == 0, (r.returncode, r.stderr)
 
     def res(name: str) -> tuple[int, str, str]:
