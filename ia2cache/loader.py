@@ -29,7 +29,6 @@ Launch: ``for batch in CacheLoader("<store>/<key>", LoaderConfig(batch_size=4)):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import lzma
 import math
@@ -46,7 +45,7 @@ import numpy as np
 import torch
 
 from ia2cache.errors import IA2Error
-from ia2cache.store import Cache, decode_activations
+from ia2cache.store import Cache, decode_activations, digest
 
 if TYPE_CHECKING:
     from ia2cache.models import ModelInfo
@@ -677,7 +676,7 @@ class CacheLoader:
             want = self._ledger[shard]["arrays"][path]["chunks"][(c0 - s0) // self.cache.rows_per_chunk]
         except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
             return None, f"the ledger entry of shard {shard} is unusable ({type(e).__name__}: {e})"
-        if hashlib.sha256(np.ascontiguousarray(data).data).hexdigest() != want:
+        if digest(data) != want:
             return None, "checksum mismatch (flipped bytes, or a truncated or deleted shard file)"
         return data, None
 

@@ -167,6 +167,12 @@ class Problem:
 # ----------------------------------------------------------------------- key, dtypes
 
 
+def digest(rows: np.ndarray) -> str:
+    """The sha256 a ledger keeps for a shard or chunk of an array: over its C-order bytes. The one
+    definition for writing, ``verify`` and the loader's checks."""
+    return hashlib.sha256(np.ascontiguousarray(rows).data).hexdigest()
+
+
 def cache_key(fields: dict) -> str:
     """The cache key: the first 16 hex chars of sha256 over canonical JSON of ``fields``.
 
@@ -627,9 +633,9 @@ class Cache:
             a = np.ascontiguousarray(data[p])
             self._writable_array(p)[start:stop] = a
             info: dict[str, Any] = {
-                "sha256": hashlib.sha256(a.data).hexdigest(),
+                "sha256": digest(a),
                 "chunks": [
-                    hashlib.sha256(a[i - start : j - start].data).hexdigest()
+                    digest(a[i - start : j - start])
                     for i, j in self._chunk_ranges(start, stop)
                 ],
             }
@@ -860,12 +866,12 @@ class Cache:
                 except Exception as e:
                     problems.append(Problem(path, (a, b), f"chunk unreadable: {e}"))
                     continue
-            if hashlib.sha256(chunk.data).hexdigest() != want:
+            if digest(chunk) != want:
                 problems.append(Problem(path, (a, b), "checksum mismatch"))
         if (
             not problems
             and whole is not None
-            and hashlib.sha256(whole.data).hexdigest() != info.get("sha256")
+            and digest(whole) != info.get("sha256")
         ):
             problems.append(Problem(path, rows, "shard checksum does not match the ledger"))
         st = info.get("stats") or {}
