@@ -647,6 +647,7 @@ class CacheLoader:
         except _DAMAGE_ERRORS:  # undecodable bytes: find the chunk below
             raw = None
         parts = []
+        intact = raw is not None
         for c0 in range(lo, hi, rpc):
             c1 = min(c0 + rpc, hi)
             part, reason = self._check_chunk(path, c0, c1, None if raw is None else raw[c0 - lo : c1 - lo])
@@ -655,7 +656,10 @@ class CacheLoader:
                     raise IA2Error(self._damage_message(path, c0, c1, reason))
                 spec = self.cache.specs[path]
                 part = np.zeros((c1 - c0, *spec.shape), dtype=spec.dtype)
+                intact = False
             parts.append(part)
+        if intact and raw is not None:  # every chunk checked out: no re-assembly copy
+            return raw[a - lo : b - lo]
         out = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return out[a - lo : b - lo]
 
