@@ -464,8 +464,10 @@ class Teacher:
         self.forwards += 1
         self.tokens += int(mask.sum())
         last = torch.tensor([n - 1 for n in n_pre], device=dev)
-        logits0 = self._logits(normed0)
-        gen = [[x] for x in self._greedy(logits0[torch.arange(b, device=dev), last], first=True)]
+        # The LM head on each row's last prompt position only (the top-k, if asked, is computed
+        # once for every slot at the end).
+        first_logits = self._logits(normed0[torch.arange(b, device=dev), last])
+        gen = [[x] for x in self._greedy(first_logits, first=True)]
         dec_acts: list[list[torch.Tensor]] = []
         dec_normed: list[torch.Tensor] = []
         done = [self._finished(g, stop) for g in gen]
