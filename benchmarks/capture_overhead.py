@@ -22,6 +22,9 @@ bare, ours, bare, ours (``--repeats`` pairs), and the min of each is kept.
 
 Target: overhead = ours / bare - 1 <= 10%.
 
+``--model``, ``--device`` and ``--dtype`` pick another model (e.g. ``random:llama-3.2-1b``) and
+device; both sides run on it.
+
 Launch: ``python -m benchmarks.capture_overhead [--rows 64] [--k 8] [--t 1,8] [--batch-size 8]``;
 writes ``benchmarks/results/capture_overhead.json`` and prints one JSON object.
 """
@@ -31,13 +34,12 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from typing import Any
 
 import torch
 
-from benchmarks._common import greedy_generate, write_result
+from benchmarks._common import add_model_args, greedy_generate, load, sync, write_result
 from ia2cache.collect import CollectConfig, collect
-from ia2cache.models import LoadedModel, load_model
+from ia2cache.models import LoadedModel
 from ia2cache.padding import pad
 from ia2cache.prompts import PromptConfig, build_pairs
 from ia2cache.store import Cache
@@ -45,11 +47,6 @@ from ia2cache.tasks import load_task
 
 TARGET = 0.10
 SHARD_ROWS = 32
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -83,23 +80,27 @@ def bare(lm: LoadedModel, task_name: str, n: int, k: int, t: int, batch_size: in
             got.extend([int(x)] for x in last_logits.argmax(-1).tolist())
         back = sorted(range(len(order)), key=lambda j: order[j])  # back to row order
         responses.extend(got[j] for j in back)
-    _sync(dev)
+    sync(dev)
     return responses
 
 
-def ours(lm: LoadedModel, task_name: str, n: int, k: int, t: int, batch_size: int) -> tuple[float, Any]:
+def ours(lm: LoadedModel, task_name: str, n: int, k: int, t: int,
+         batch_size: int) -> tuple[float, list[list[int]], int]:
+    """collect into a fresh temp store; returns (seconds, responses, teacher tokens computed)."""
     with tempfile.TemporaryDirectory(prefix="ia2-overhead-") as store:
         cfg = CollectConfig(task=task_name, n=n, k=k, max_new_tokens=t, store=store, batch_size=batch_size,
                             shard_rows=SHARD_ROWS, layers="all", dtype="bf16")
+        sync(lm.device)
         t0 = time.perf_counter()
         res = collect(cfg, lm)
+        sync(lm.device)
         seconds = time.perf_counter() - t0
         cache = Cache.open(res.cache)
         ids = cache.read("tokens/response_ids", 0, res.rows)
         lens = cache.read("tokens/response_len", 0, res.rows)
         resp = [ids[i, : lens[i]].tolist() for i in range(res.rows)]
         assert not res.reused and res.rows_computed == res.rows
-    return seconds, resp
+    return seconds, resp, res.tokens_computed
 
 
 def main() -> None:
@@ -112,10 +113,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="bare/ours pairs; the min of each is kept")
     ap.add_argument("--bare-head", choices=["aligned", "full"], default="aligned")
     ap.add_argument("--size", choices=["default", "large"], default="default")
+    add_model_args(ap)
     args = ap.parse_args()
     if args.size == "large":
         args.rows = 256
-    lm = load_model("default")
+    lm = load(args)
     n = (2 * args.rows + 2) // 3  # N train + N//2 dev = rows
     runs = []
     for t in (int(x) for x in args.t.split(",")):
@@ -126,7 +128,7 @@ def main() -> None:
             t0 = time.perf_counter()
             bare_resp = bare(lm, args.task, n, args.k, t, args.batch_size, args.bare_head)
             bare_s.append(time.perf_counter() - t0)
-            s, our_resp = ours(lm, args.task, n, args.k, t, args.batch_size)
+            s, our_resp, _ = ours(lm, args.task, n, args.k, t, args.batch_size)
             ours_s.append(s)
             same = sum(a == b for a, b in zip(bare_resp, our_resp, strict=True))
         b, o = min(bare_s), min(ours_s)
@@ -139,7 +141,8 @@ def main() -> None:
         })
         print(runs[-1], flush=True)
     write_result("capture_overhead", {
-        "model": lm.info.name, "device": str(lm.device), "dtype": str(next(lm.model.parameters()).dtype),
+        "model": lm.info.name, "model_random": lm.info.random, "device": str(lm.device),
+        "dtype": str(next(lm.model.parameters()).dtype),
         "task": args.task, "batch_size": args.batch_size, "shard_rows": SHARD_ROWS,
         "bare_head": args.bare_head, "repeats": args.repeats, "runs": runs,
         "max_overhead": max(r["overhead"] for r in runs),

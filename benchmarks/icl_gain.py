@@ -36,12 +36,15 @@ def main() -> None:
     lm = load_model("default")
     rows = []
     for name in args.tasks.split(","):
-        task = load_task(name)
+        task = load_task(f"builtin:{name}")
         row = {"task": name, "eval": min(args.n_eval, len(task.eval))}
         base = evaluate(lm.model, lm.tokenizer, task, EvalConfig(mode="base", n_eval=args.n_eval))
         row["base"] = {k: base[k] for k in ("accuracy", "ece_equal_mass", "ece_equal_width")}
         for k in (int(x) for x in args.ks.split(",")):
-            r = evaluate(lm.model, lm.tokenizer, task, EvalConfig(mode="icl", k=k, n_eval=args.n_eval))
+            # A property of the task (is it learnable in context at all?), so demos from the whole
+            # pool: not the ICL baseline of the comparison, which draws them from the N train rows.
+            ec = EvalConfig(mode="icl", k=k, n_eval=args.n_eval, icl_demos="pool")
+            r = evaluate(lm.model, lm.tokenizer, task, ec)
             row[f"k{k}"] = {m: r[m] for m in ("accuracy", "ece_equal_mass", "ece_equal_width")}
         row["single_token"] = base["single_token"]
         row["gain_k4"] = round(row["k4"]["accuracy"] - row["base"]["accuracy"], 4)

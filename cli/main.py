@@ -31,6 +31,8 @@ from ia2cache.collect import CollectConfig
 from ia2cache.distill import DistillConfig
 from ia2cache.errors import IA2Error
 from ia2cache.evaluate import EvalConfig
+from ia2cache.prompts import DEFAULT_DEV
+from ia2cache.sweep import SweepConfig
 
 app = typer.Typer(
     name="ia2cache",
@@ -48,6 +50,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 _EVAL = field_docs(EvalConfig)
 _COL = field_docs(CollectConfig)
 _DIS = field_docs(DistillConfig)
+_SW = field_docs(SweepConfig)
+_SWEEP_DEFAULTS = SweepConfig(task="-", out="-")
 JSON_OPT = typer.Option(False, "--json", help="Print one JSON object on stdout (progress stays on stderr).")
 
 
@@ -76,17 +80,38 @@ def _setup_logging(verbose: bool = False) -> None:
     logging.getLogger("ia2cache").setLevel(logging.INFO)
 
 
+INTERRUPTED = 130
+"""Exit code after Ctrl-C (128 + SIGINT), as shells report it."""
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=code)
+
+
 def guarded(fn: F) -> F:
-    """Turn library errors into a one-line message on stderr and exit code 2."""
+    """Turn every failure into one line on stderr and an exit code, never a traceback: 2 for bad
+    input (library errors, unusable paths, remote failures), 130 for Ctrl-C, 1 for anything
+    unexpected (a bug: IA2CACHE_DEBUG=1 shows its traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _setup_logging()
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            err.print("interrupted; rerun the same command to resume", highlight=False)
+            raise typer.Exit(code=INTERRUPTED) from None
+        except MemoryError:
+            raise _fail("out of memory; lower the sizes you asked for (--batch-size, --shard-rows, --n)", 2
+                        ) from None
         except OSError as exc:
             if not exc.filename:
-                raise
+                if os.environ.get("IA2CACHE_DEBUG"):
+                    raise
+                raise _fail(f"{exc.strerror or exc}", 2) from None
             # A path the user gave that cannot be read or written: name it, no traceback.
             where = exc.filename if not exc.filename2 else f"{exc.filename} -> {exc.filename2}"
             err.print(f"[bold red]error:[/] {escape(str(where))}: {escape(exc.strerror or str(exc))}",
@@ -100,7 +125,10 @@ def guarded(fn: F) -> F:
             from ia2cache._fs import is_remote_failure, remote_failure_message
 
             if not is_remote_failure(exc):
-                raise
+                if os.environ.get("IA2CACHE_DEBUG"):
+                    raise
+                raise _fail(f"internal error ({type(exc).__name__}: {exc}); please report it, with "
+                            "the command; IA2CACHE_DEBUG=1 shows the traceback", 1) from None
             # A remote client's error outside ia2cache's own calls (zarr's reads and writes):
             # name the store or cache the user gave.
             where = kwargs.get("store") or kwargs.get("cache") or "the remote store"
@@ -112,7 +140,11 @@ def guarded(fn: F) -> F:
 
 
 def emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(obj, sort_keys=True, default=str) + "\n")
+    """One JSON object on stdout: non-finite numbers as null, never a bare NaN."""
+    from ia2cache.outputs import json_safe
+
+    text = json.dumps(json_safe(json.loads(json.dumps(obj, default=str))), sort_keys=True, allow_nan=False)
+    sys.stdout.write(text + "\n")
     sys.stdout.flush()
 
 
@@ -133,7 +165,7 @@ def tasks(
     from ia2cache.tasks import list_builtin, load_task
     from ia2cache.tasks.hf import registry_rows
 
-    rows = [load_task(name).summary() for name in list_builtin()]
+    rows = [load_task(f"builtin:{name}").summary() for name in list_builtin()]
     hf_rows = registry_rows()
     if json_out:
         emit_json({"tasks": rows, "hf_tasks": hf_rows})
@@ -172,9 +204,13 @@ def eval_cmd(
     base: bool = typer.Option(False, "--base", help="Evaluate the base model without demos."),
     adapter: str | None = typer.Option(None, "--adapter", help="Evaluate a distilled adapter directory."),
     agreement: bool = typer.Option(False, "--agreement", help=_EVAL["agreement"]),
-    k: int = typer.Option(4, "--k", help=_EVAL["k"]),
+    k: int | None = typer.Option(None, "--k", help=_EVAL["k"] + " Default: the teacher's, min(N-1, 8); "
+                                 "with --adapter, the adapter's cache's k."),
+    n: int | None = typer.Option(None, "--n", help=_EVAL["n"] + " With --adapter: its cache's N."),
+    icl_demos: str = typer.Option("train", "--icl-demos", help=_EVAL["icl_demos"]),
     n_eval: int = typer.Option(200, "--n-eval", help=_EVAL["n_eval"]),
-    seed: int = typer.Option(0, "--seed", help=_EVAL["seed"]),
+    seed: int | None = typer.Option(None, "--seed", help=_EVAL["seed"] + " Default 0; with --adapter, "
+                                    "its cache's."),
     batch_size: int = typer.Option(8, "--batch-size", help=_EVAL["batch_size"]),
     max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help=_EVAL["max_new_tokens"]),
     template: str | None = typer.Option(None, "--template", help="Prompt template with {input}."),
@@ -187,9 +223,10 @@ def eval_cmd(
     [bold]Examples[/]
 
       ia2cache eval --task capitals --base
-      ia2cache eval --task sentiment_remap --icl --k 8 --n-eval 100 --json
-      ia2cache eval --task sentiment_remap --adapter ~/.cache/ia2cache/runs/KEY/a2t-lora-lr0.001-s0
-      ia2cache eval --task arith_word --icl --k 4 --n-eval 100
+      ia2cache eval --task sentiment_remap --icl --n 8 --seed 0 --n-eval 100 --json   # the teacher of N=8
+      ia2cache eval --task sentiment_remap --icl --icl-demos pool --k 8    # demos from the whole pool
+      ia2cache eval --task sentiment_remap --adapter runs/KEY/a2t-lora-lr0.001-s0 --agreement
+      ia2cache eval --task arith_word --icl --n 8 --k 4 --n-eval 100
       ia2cache eval --task hf:sst2 --eval-task hf:fins --adapter runs/sst2-a2t --json
     """
     from ia2cache.evaluate import evaluate, load_adapter, ood_task
@@ -199,15 +236,36 @@ def eval_cmd(
     if sum([icl, base, adapter is not None]) != 1:
         raise IA2Error("choose exactly one of --icl, --base and --adapter DIR")
     mode = "icl" if icl else "base" if base else "adapter"
-    config = EvalConfig(mode=mode, k=k, n_eval=n_eval, seed=seed, batch_size=batch_size,
-                        agreement=agreement, max_new_tokens=max_new_tokens)
+    record: dict[str, Any] = {}
+    if adapter is not None:  # the teacher of --agreement is the adapter's own: its N, k and seed
+        from ia2cache.evaluate import read_run_record
+
+        record = read_run_record(adapter, required=True)
+        m = record.get("cache_manifest") or {}
+        n = m.get("n") if n is None else n
+        k = m.get("k") if k is None else k
+        seed = m.get("seed", seed) if seed is None else seed
+    from ia2cache.prompts import K_MAX
+
+    seed = 0 if seed is None else seed
+    if k is None:
+        k = min(n - 1, K_MAX) if n else 4
+    config = EvalConfig(mode=mode, k=k, n=n, icl_demos=icl_demos, n_eval=n_eval, seed=seed,
+                        batch_size=batch_size, agreement=agreement, max_new_tokens=max_new_tokens)
     t = load_task(task, template=template, separator=separator, eval_fraction=eval_fraction)
     if eval_task is not None:
         t = ood_task(t, load_task(eval_task, template=template, separator=separator,
                                   eval_fraction=eval_fraction))
     if adapter is not None:
         net, tok, record = load_adapter(adapter, model=model)
-        info = {"name": model or record.get("model_spec", "default"), "adapter": str(adapter)}
+        trained = (record.get("cache_manifest") or {}).get("model") or {}
+        from ia2cache.models import is_random
+
+        spec = model or record.get("model_spec", "default")
+        info = {"name": trained.get("name") or spec, "spec": spec,
+                "fingerprint": trained.get("fingerprint"), "adapter": str(adapter)}
+        if is_random(spec):  # said plainly: such figures test a pipeline, not a method
+            info.update(random=True, name=f"{info['name']} (random weights)")
     else:
         loaded = load_model(model or "default")
         net, tok, info = loaded.model, loaded.tokenizer, loaded.info.to_dict()
@@ -270,6 +328,7 @@ def collect(
     model: str = typer.Option("default", "--model", help=_COL["model"]),
     task: str = typer.Option(CollectConfig.task, "--task", help=_COL["task"]),
     n: int = typer.Option(16, "--n", help=_COL["n"]),
+    dev: int = typer.Option(DEFAULT_DEV, "--dev", help=_COL["dev"]),
     k: str = typer.Option("auto", "--k", help=_COL["k"]),
     seed: int = typer.Option(0, "--seed", help=_COL["seed"]),
     response: str = typer.Option("icl", "--response", help=_COL["response"]),
@@ -288,6 +347,7 @@ def collect(
     split: str = typer.Option("train", "--split", help=_COL["split"]),
     n_eval: int | None = typer.Option(None, "--n-eval", help=_COL["n_eval"]),
     store: str | None = typer.Option(None, "--store", help=_COL["store"]),
+    repair: bool = typer.Option(False, "--repair", help=_COL["repair"]),
     json_out: bool = JSON_OPT,
 ) -> None:
     """Trace the ICL teacher once and store its activations in a zarr cache.
@@ -307,10 +367,10 @@ def collect(
 
     config = CollectConfig(
         model=model, task=task, template=template, separator=separator,
-        eval_fraction=eval_fraction, n=n, k=_parse_k(k), seed=seed, response=response,
+        eval_fraction=eval_fraction, n=n, dev=dev, k=_parse_k(k), seed=seed, response=response,
         max_new_tokens=max_new_tokens, site=site, layers=layers, positions=positions,
         dtype=dtype, topk_logits=topk_logits, batch_size=batch_size,
-        shard_rows=shard_rows, chunk_rows=chunk_rows, store=store, split=split, n_eval=n_eval,
+        shard_rows=shard_rows, chunk_rows=chunk_rows, store=store, split=split, n_eval=n_eval, repair=repair,
     )
     with _progress_bar("collect") as bar:
         job = bar.add_task("collect", total=None, tps="-")
@@ -342,7 +402,7 @@ def ls_cmd(
     store: str | None = typer.Option(None, "--store", help=_COL["store"]),
     json_out: bool = JSON_OPT,
 ) -> None:
-    """List the caches in a store.
+    """List the caches in a store (one whose manifest cannot be trusted with status damaged).
 
     [bold]Examples[/]
 
@@ -372,6 +432,10 @@ def ls_cmd(
             str(m.get("rows")), str(m.get("created", ""))[:16],
         )
     out.print(table)
+    for m in caches:
+        if m.get("status") == "damaged":
+            out.print(f"[red]damaged[/] {escape(m['path'])}: {escape('; '.join(m.get('problems', [])))} "
+                      "(see `ia2cache verify`)", highlight=False)
 
 
 def _open(cache: str, store: str | None) -> Any:
@@ -433,8 +497,11 @@ def verify(
       ia2cache verify 3f2a9c0d1b2e4f56
       ia2cache verify ./store/3f2a9c0d1b2e4f56 --json
     """
-    c = _open(cache, store)
-    problems = [p.to_dict() for p in c.verify()]
+    from ia2cache.collect import default_store
+    from ia2cache.store import resolve_cache, verify_cache
+
+    c = verify_cache(resolve_cache(store or default_store(), cache))  # a damaged manifest: exit 1
+    problems = [p.to_dict() for p in c.problems]
     result = {"ok": not problems, "problems": problems, "cache": str(c.path), "status": c.status}
     if json_out:
         emit_json(result)
@@ -446,7 +513,7 @@ def verify(
             table.add_row(p["array"], f"{p['rows'][0]}-{p['rows'][1]}", p["reason"])
         out.print(table)
     else:
-        out.print(f"[green]intact[/]: {c.path} ({c.n_shards} shards, status {c.status})")
+        out.print(f"[green]intact[/]: {c.path} ({c.shards} shards, status {c.status})")
     if problems:
         raise typer.Exit(code=1)
 
@@ -463,10 +530,14 @@ def distill(
     target_modules: str = typer.Option("q,k,o", "--target-modules", help=_DIS["target_modules"]),
     num_virtual_tokens: int = typer.Option(8, "--num-virtual-tokens", help=_DIS["num_virtual_tokens"]),
     lr: float = typer.Option(1e-4, "--lr", help=_DIS["lr"]),
-    epochs: int = typer.Option(50, "--epochs", help=_DIS["epochs"]),
+    lr2: float | None = typer.Option(None, "--lr2", help=_DIS["lr2"]),
+    max_steps: int = typer.Option(1000, "--max-steps", help=_DIS["max_steps"]),
+    epochs: int | None = typer.Option(None, "--epochs", help=_DIS["epochs"]),
+    eval_every: int = typer.Option(10, "--eval-every", help=_DIS["eval_every"]),
     batch_size: int = typer.Option(4, "--batch-size", help=_DIS["batch_size"]),
     grad_accum: int = typer.Option(1, "--grad-accum", help=_DIS["grad_accum"]),
     patience: int = typer.Option(5, "--patience", help=_DIS["patience"]),
+    min_delta: float = typer.Option(0.01, "--min-delta", help=_DIS["min_delta"]),
     seed: int = typer.Option(0, "--seed", help=_DIS["seed"]),
     layers: str | None = typer.Option(None, "--layers", help=_DIS["layers"]),
     normalize: bool = typer.Option(False, "--normalize", help=_DIS["normalize"]),
@@ -476,7 +547,9 @@ def distill(
         False, "--allow-model-mismatch", help=_DIS["allow_model_mismatch"]
     ),
     skip_damaged: bool = typer.Option(False, "--skip-damaged", help=_DIS["skip_damaged"]),
+    first_phase_from: str | None = typer.Option(None, "--first-phase-from", help=_DIS["first_phase_from"]),
     out_dir: str | None = typer.Option(None, "--out", help=_DIS["out"]),
+    overwrite: bool = typer.Option(False, "--overwrite", help=_DIS["overwrite"]),
     store: str | None = typer.Option(None, "--store", help=_DIS["store"]),
     device: str | None = typer.Option(None, "--device", help=_DIS["device"]),
     json_out: bool = JSON_OPT,
@@ -488,7 +561,7 @@ def distill(
 
     [bold]Examples[/]
 
-      ia2cache distill --cache 3f2a9c0d1b2e4f56 --method a2t --lr 1e-3
+      ia2cache distill --cache 3f2a9c0d1b2e4f56 --method a2t --lr 1e-3 --lr2 3e-4 --max-steps 2000
       ia2cache distill --cache 3f2a9c0d1b2e4f56 --method tok --labels gt --seed 1 --json
       ia2cache distill --cache 3f2a9c0d1b2e4f56 --method act --layers 0-9 --normalize --adapter ia3
       ia2cache distill --cache 3f2a9c0d1b2e4f56 --store s3://bucket/ia2 --method a2t
@@ -501,19 +574,21 @@ def distill(
     config = DistillConfig(
         cache=cache, store=store, method=method, labels=labels, adapter=adapter, lora_r=lora_r,
         lora_alpha=lora_alpha, target_modules=target_modules, num_virtual_tokens=num_virtual_tokens,
-        lr=lr, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, patience=patience,
-        seed=seed, layers=layers, normalize=normalize, tna_weight=tna_weight, model=model,
-        allow_model_mismatch=allow_model_mismatch, skip_damaged=skip_damaged, out=out_dir, device=device,
+        lr=lr, lr2=lr2, max_steps=max_steps, epochs=epochs, eval_every=eval_every, batch_size=batch_size,
+        grad_accum=grad_accum, patience=patience, min_delta=min_delta, seed=seed, layers=layers,
+        normalize=normalize, tna_weight=tna_weight, model=model, allow_model_mismatch=allow_model_mismatch,
+        skip_damaged=skip_damaged, first_phase_from=first_phase_from, out=out_dir, overwrite=overwrite,
+        device=device,
     )
     bar = Progress(TextColumn("[bold]{task.fields[phase]}"), BarColumn(),
-                   TextColumn("epoch {task.fields[epoch]} step {task.completed}/{task.total}"),
+                   TextColumn("step {task.completed}/{task.total} (cap) epoch {task.fields[epoch]}"),
                    TextColumn("loss {task.fields[loss]} dev {task.fields[dev]}"), TimeElapsedColumn(),
                    console=err, disable=not _main_rank())
     with bar:
         job = bar.add_task("distill", total=None, phase="-", epoch=0, loss="-", dev="-")
 
         def progress(ev: dict[str, Any]) -> None:
-            if ev.get("end_of_epoch"):
+            if ev.get("evaluation"):
                 dev = ev["dev_loss"]
                 bar.update(job, dev=f"{dev:.4g}" if dev is not None else "-")
             else:
@@ -528,57 +603,107 @@ def distill(
         emit_json(info)
         return
     out.print(f"[bold]adapter[/]: {result.adapter}" + (" (reused)" if result.reused else ""))
-    out.print(f"method {result.method} · best epoch per phase {result.best_epoch} · epochs run "
-              f"{result.epochs_run} · final {result.final} · {result.seconds:.1f} s")
+    capped = ["capped" if c else "early stop" for c in result.capped]
+    out.print(f"method {result.method} · lr {result.lrs} · best step per phase {result.best_step} of "
+              f"{result.steps_run} run ({', '.join(capped)}) · final {result.final} · {result.seconds:.1f} s")
 
 
 @app.command()
 @guarded
 def sweep(
-    task: str = typer.Option(..., "--task", help="Built-in task name or .jsonl file."),
+    task: str = typer.Option(..., "--task", help=_SW["task"]),
     n: str = typer.Option("4,8,16", "--n", help="Training set sizes N, e.g. 4,8,16."),
-    seeds: str = typer.Option("0-2", "--seeds", help="Data seeds, e.g. 0-4 or 0,3."),
-    methods: str = typer.Option("tok,act,a2t,tna", "--methods", help="Distill methods to compare."),
-    lrs: str = typer.Option("1e-3", "--lrs", help="Learning-rate grid, picked per cell on dev loss."),
-    epochs: int = typer.Option(40, "--epochs", help="Maximum epochs per phase."),
-    n_eval: int = typer.Option(100, "--n-eval", help="Eval-split rows scored per cell."),
-    icl_k: int | None = typer.Option(
-        None, "--icl-k", help="Demos for the ICL baseline (default: the teacher's k, min(N-1, 8))."
-    ),
-    model: str = typer.Option("default", "--model", help="Base model."),
-    eval_task: str | None = typer.Option(
-        None, "--eval-task", help="Out-of-distribution: score cells on this task (e.g. train hf:sst2, "
-        "eval hf:fins); rows record both."),
-    out_dir: str = typer.Option("sweep_out", "--out", help="Directory for results.jsonl and adapters."),
+    seeds: str = typer.Option("0-4", "--seeds", help="Data seeds, e.g. 0-4 or 0,3."),
+    methods: str = typer.Option(",".join(_SWEEP_DEFAULTS.methods), "--methods", help=_SW["methods"]),
+    lrs: str = typer.Option(",".join(f"{x:g}" for x in _SWEEP_DEFAULTS.lrs), "--lrs", help=_SW["lrs"]),
+    lr_search: str = typer.Option(_SWEEP_DEFAULTS.lr_search, "--lr-search", help=_SW["lr_search"]),
+    max_steps: int = typer.Option(_SWEEP_DEFAULTS.max_steps, "--max-steps", help=_SW["max_steps"]),
+    eval_every: int = typer.Option(_SWEEP_DEFAULTS.eval_every, "--eval-every", help=_SW["eval_every"]),
+    patience: int = typer.Option(_SWEEP_DEFAULTS.patience, "--patience", help=_SW["patience"]),
+    min_delta: float = typer.Option(_SWEEP_DEFAULTS.min_delta, "--min-delta", help=_SW["min_delta"]),
+    n_eval: int = typer.Option(_SWEEP_DEFAULTS.n_eval, "--n-eval", help=_SW["n_eval"]),
+    dev: str = typer.Option(_SWEEP_DEFAULTS.dev, "--dev", help=_SW["dev"]),
+    icl_k: int | None = typer.Option(None, "--icl-k", help=_SW["icl_k"]),
+    icl_demos: str = typer.Option("train", "--icl-demos", help=_SW["icl_demos"]),
+    labels: str = typer.Option("gt", "--labels", help=_SW["labels"]),
+    adapter: str = typer.Option("lora", "--adapter", help=_SW["adapter"]),
+    model: str = typer.Option("default", "--model", help=_SW["model"]),
+    eval_task: str | None = typer.Option(None, "--eval-task", help=_SW["eval_task"]),
+    workers: int = typer.Option(1, "--workers", help=_SW["workers"]),
+    threads: int | None = typer.Option(None, "--threads", help=_SW["threads"]),
+    shard: str | None = typer.Option(None, "--shard", help=_SW["shard"]),
+    out_dir: str = typer.Option("sweep_out", "--out", help=_SW["out"]),
+    runs: str | None = typer.Option(None, "--runs", help=_SW["runs"]),
     store: str | None = typer.Option(None, "--store", help=_COL["store"]),
     json_out: bool = JSON_OPT,
 ) -> None:
-    """Run methods x N x seeds from caches collected once; appends to <out>/results.jsonl.
+    """Run methods x N x seeds from caches collected once; appends to <out>/results*.jsonl.
 
-    A rerun skips finished cells. Learning rates are chosen on the dev split only.
+    A rerun skips finished cells and retries failed ones; a rerun with other settings into the
+    same --out is refused (exit 2, naming the setting). Learning rates and stopping steps are
+    chosen on the dev rows only; the rows record steps run, best step, whether the step cap
+    bound (capped) and whether the chosen lr sits at an edge of the grid.
 
     [bold]Examples[/]
 
-      ia2cache sweep --task antonyms --n 4,8,16 --seeds 0-2 --methods tok,act,a2t,tna
-      ia2cache sweep --task capitals --n 8 --seeds 0-4 --lrs 1e-4,3e-4,1e-3 --out runs/capitals --json
-      ia2cache sweep --task hf:sst2 --eval-task hf:fins --n 8 --seeds 0-2 --methods tok,a2t --out runs/ood
+      ia2cache sweep --task antonyms --n 4,8,16 --seeds 0-4 --workers 2
+      ia2cache sweep --task capitals --n 8 --seeds 0-4 --methods tok,a2t --lrs 1e-3 --out runs/capitals --json
+      ia2cache sweep --task antonyms --dev half --out runs/dev-half       # D = N//2 dev rows
+      ia2cache sweep --task hf:sst2 --eval-task hf:fins --n 8 --methods tok,a2t --out runs/ood
+      # a Slurm array of 4 jobs over one shared --out (report reads every shard's file):
+      ia2cache sweep --task antonyms --shard $SLURM_ARRAY_TASK_ID/4 --out /shared/sweep
     """
-    from ia2cache.sweep import SweepConfig, parse_ints
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from ia2cache.sweep import SweepConfig, parse_floats, parse_ints
     from ia2cache.sweep import sweep as run_sweep
 
-    try:
-        grid = tuple(float(x) for x in lrs.split(","))
-    except ValueError:
-        raise IA2Error(f"--lrs {lrs}: expected numbers like 1e-4,3e-4") from None
-    config = SweepConfig(task=task, out=out_dir, ns=parse_ints(n, "--n"), seeds=parse_ints(seeds, "--seeds"),
-                         methods=tuple(m.strip() for m in methods.split(",")), lrs=grid, epochs=epochs,
-                         n_eval=n_eval, icl_k=icl_k, model=model, store=store, eval_task=eval_task)
-    result = run_sweep(config, progress=lambda msg: err.print(f"[bold]cell[/] {msg}", highlight=False))
+    config = SweepConfig(
+        task=task, out=out_dir, ns=parse_ints(n, "--n", lo=2, hi=1_000_000),
+        seeds=parse_ints(seeds, "--seeds"), methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        lrs=parse_floats(lrs, "--lrs"), lr_search=lr_search, max_steps=max_steps, eval_every=eval_every,
+        patience=patience,
+        min_delta=min_delta, n_eval=n_eval, dev=dev, icl_k=icl_k, icl_demos=icl_demos, model=model,
+        store=store, labels=labels, adapter=adapter, eval_task=eval_task, workers=workers, threads=threads,
+        shard=shard, runs=runs,
+    )
+    bar = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
+                   TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                   TextColumn("{task.fields[cell]}"), console=err)
+    with bar:
+        job = bar.add_task("sweep", total=None, cell="")
+
+        start = {"done": 0}
+
+        def progress(ev: dict[str, Any]) -> None:
+            if ev["status"] == "start":
+                start["done"] = ev["done"]
+                bar.reset(job, total=ev["total"], completed=ev["done"], cell="")  # ETA from this run's cells
+                return
+            mark = "" if ev["status"] == "ok" else " [red]failed[/]"
+            bar.update(job, completed=ev["done"], cell=f"{ev['cell']}{mark}")
+            if not err.is_terminal:  # a log file: one plain line a cell, with its own ETA
+                ran = ev["done"] - start["done"]
+                eta = ev["elapsed"] / ran * (ev["total"] - ev["done"]) if ran else 0.0
+                err.print(f"cell {ev['done']}/{ev['total']} {ev['cell']} {ev['status']} · "
+                          f"{ev['elapsed'] / 60:.1f} min · ETA {eta / 60:.1f} min",
+                          highlight=False, markup=False)
+
+        result = run_sweep(config, progress=progress)
     if json_out:
         emit_json(result)
         return
-    out.print(f"{result['cells_done']} cells run, {result['cells_skipped']} skipped (already done), "
-              f"of {result['cells_total']} · results in {result['out']}/results.jsonl")
+    failed = result["cells_failed"]
+    failed = f", {failed} failed (see results; a rerun retries them)" if failed else ""
+    out.print(f"{result['cells_done']} cells run, {result['cells_skipped']} skipped (already done){failed}, "
+              f"of {result['cells_total']} · results in {result['results']}")
 
 
 @app.command()

@@ -46,7 +46,8 @@ from typing import Any
 
 from ia2cache.errors import IA2Error
 
-__all__ = ["Location", "RemotePath", "is_remote_failure", "is_url", "location", "remote_lock", "write_json"]
+__all__ = ["Location", "RemotePath", "is_remote_failure", "is_url", "location", "probe_writable",
+           "remote_lock", "write_json"]
 
 _CLIENT_MODULES = ("botocore", "aiobotocore", "s3fs", "gcsfs", "google", "adlfs", "azure", "aiohttp")
 
@@ -276,6 +277,24 @@ def write_json(path: Location, obj: Any, write_local: Any) -> None:
         path.write_bytes(json.dumps(obj, sort_keys=True, default=str).encode("utf-8"))
     else:
         write_local(path, obj)
+
+
+def probe_writable(directory: Location) -> None:
+    """Prove ``directory`` writable by making and removing a new empty file in it: locally a new
+    file under an unguessable name, never through a link planted there
+    (:func:`ia2cache._io.write_probe`); remotely one PUT and one DELETE.
+
+    Raises:
+        OSError: it is not writable.
+    """
+    if isinstance(directory, RemotePath):
+        probe = directory / f".ia2cache-write-probe-{os.getpid()}"  # one per process: ranks run at once
+        probe.write_bytes(b"")
+        probe.unlink()
+        return
+    from ia2cache._io import write_probe
+
+    write_probe(directory)
 
 
 def _pid_alive(pid: int) -> bool:

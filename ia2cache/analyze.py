@@ -55,6 +55,7 @@ import torch
 
 from ia2cache._io import write_json_atomic
 from ia2cache.errors import IA2Error
+from ia2cache.outputs import save_figure
 from ia2cache.padding import pad
 from ia2cache.sites import decoder_layers, get_site
 from ia2cache.store import Cache, decode_activations, resolve_cache
@@ -394,7 +395,7 @@ def plot_similarity(result: dict[str, Any], path: Path) -> Path:
                  fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -531,7 +532,7 @@ def plot_overlap(result: dict[str, Any], path: Path) -> Path:
     ax.set_title(title + (f"\n(chance ≈ {np.mean(chance):.3f})" if chance else ""), fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -547,12 +548,15 @@ def check_name(name: str) -> str:
 
 def write(result: dict[str, Any], out: str | Path, name: str, kind: str) -> dict[str, str]:
     """Write ``<out>/<name>.json`` and ``<out>/<name>.png`` (kind: similarity or overlap)."""
+    from ia2cache.outputs import LOCK, OutputLock, claim_output_dir
+
     check_name(name)
-    folder = Path(out).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
-    json_path = folder / f"{name}.json"
-    write_json_atomic(json_path, result)
-    png = (plot_similarity if kind == "similarity" else plot_overlap)(result, folder / f"{name}.png")
+    # A folder that is new, empty or analyze's own; one writer at a time.
+    folder = claim_output_dir(out, "--out", kind="analyze")
+    with OutputLock(folder / LOCK, "--out"):
+        json_path = folder / f"{name}.json"
+        write_json_atomic(json_path, result)
+        png = (plot_similarity if kind == "similarity" else plot_overlap)(result, folder / f"{name}.png")
     return {"json": str(json_path), "png": str(png)}
 
 
@@ -670,7 +674,7 @@ def _scatter(sims: list[dict[str, Any]], rows: list[dict[str, Any]], folder: Pat
                      "(each point: one model, N, seed)")
         fig.tight_layout()
         path = folder / f"{task}_similarity_vs_metrics.png"
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written

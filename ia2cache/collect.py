@@ -31,7 +31,6 @@ import contextlib
 import importlib.metadata
 import inspect
 import logging
-import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,11 +43,12 @@ import torch
 
 from ia2cache import distributed
 from ia2cache._faults import fault_point
-from ia2cache._fs import Location, location
-from ia2cache.errors import IA2Error
+from ia2cache._fs import Location, location, probe_writable
+from ia2cache.errors import IA2Error, check_float, check_int
 from ia2cache.models import home, load_model, load_tokenizer
 from ia2cache.padding import pad
 from ia2cache.prompts import (
+    DEFAULT_DEV,
     POSITION_MODES,
     PromptConfig,
     PromptPair,
@@ -89,7 +89,10 @@ class CollectConfig:
     eval_fraction: float = 0.5
     """For .jsonl tasks: the share of examples held out for evaluation."""
     n: int = 16
-    """Training examples (N) drawn from the pool; dev rows are the next min(N//2, 48)."""
+    """Training examples (N) drawn from the pool."""
+    dev: int = DEFAULT_DEV
+    """Dev rows D drawn from the pool after the N (disjoint from train and eval): they choose the
+    lr and the stopping step; reports call them extra labelled data ("N train + D dev")."""
     k: int | None = None
     """Demos per teacher prompt; None (auto) means min(N-1, 8)."""
     seed: int = 0
@@ -121,6 +124,11 @@ class CollectConfig:
     """Rows per chunk: the unit of reading and checksumming."""
     store: str | None = None
     """Store directory or fsspec URL (s3://bucket/prefix); default $IA2CACHE_HOME/store."""
+    repair: bool = False
+    """Verify an existing cache first and recompute exactly its damaged shards (checksum mismatch,
+    a missing, unreadable or special shard file, a lost ledger entry), so that it ends as a clean
+    run leaves it; damage recomputing cannot fix (a manifest that does not produce its key) is
+    refused. Not part of the key."""
 
     def __post_init__(self) -> None:
         if self.response not in RESPONSE_MODES:
@@ -130,18 +138,25 @@ class CollectConfig:
         if self.dtype not in DTYPES:
             raise IA2Error(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
         get_site(self.site)
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise IA2Error(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
-        if self.topk_logits < 0:
-            raise IA2Error(f"--topk-logits {self.topk_logits}: must be 0 or more")
-        if self.batch_size < 1:
-            raise IA2Error(f"--batch-size {self.batch_size}: must be at least 1")
-        if self.chunk_rows < 1 or self.shard_rows < 1 or self.shard_rows % self.chunk_rows:
+        # Every number bounded before anything is allocated or written (the model's own limits,
+        # context and vocabulary, are checked in the plan).
+        if self.max_new_tokens is not None:
+            check_int(self.max_new_tokens, "--max-new-tokens", 1, 32_768)
+        check_int(self.topk_logits, "--topk-logits", 0, 1_000_000)
+        check_int(self.batch_size, "--batch-size", 1, 4096)
+        check_int(self.n, "--n", 2, 10_000_000)
+        check_int(self.dev, "--dev", 1, 100_000)
+        check_int(self.chunk_rows, "--chunk-rows", 1, 65_536)
+        check_int(self.shard_rows, "--shard-rows", 1, 1_048_576)
+        check_float(self.eval_fraction, "--eval-fraction", 0.0, 1.0, lo_open=True, hi_open=True)
+        if self.n_eval is not None:
+            check_int(self.n_eval, "--n-eval", 1, 10_000_000)
+        if self.shard_rows % self.chunk_rows:
             raise IA2Error(
                 f"--shard-rows {self.shard_rows}: must be a positive multiple of --chunk-rows "
                 f"{self.chunk_rows}"
             )
-        PromptConfig(n=self.n, k=self.k, seed=self.seed)
+        PromptConfig(n=self.n, k=self.k, seed=self.seed, dev=self.dev)
         if self.split not in ("train", "eval"):
             raise IA2Error(f"--split {self.split}: choose train or eval")
         if self.n_eval is not None and (self.split != "eval" or self.n_eval < 1):
@@ -206,11 +221,13 @@ def _resolve_t(config: CollectConfig, task: Task, tokenizer: Any) -> int:
 
 def _plan(config: CollectConfig, tokenizer: Any, info: Any, model_config: Any) -> _Plan:
     task = load_task(config.task, config.template, config.separator, config.eval_fraction)
-    pairs = build_pairs(task, tokenizer, PromptConfig(n=config.n, k=config.k, seed=config.seed))
+    pairs = build_pairs(task, tokenizer, PromptConfig(n=config.n, k=config.k, seed=config.seed,
+                                                      dev=config.dev))
     rows = pairs.rows
     if config.split == "eval":
-        # Same k as the train cache of this N; demos from the whole pool, as ICL evaluation.
-        rows = tuple(build_eval_pairs(task, tokenizer, pairs.k, config.seed, config.n_eval))
+        # Same k and the same N training rows as the train cache: the teacher that ICL evaluation
+        # scores (ia2cache eval --icl --n N --seed S) and that distill aligns to.
+        rows = tuple(build_eval_pairs(task, tokenizer, pairs.k, config.seed, config.n_eval, n=config.n))
     t = _resolve_t(config, task, tokenizer)
     n_layers, hidden = model_config.num_hidden_layers, model_config.hidden_size
     layers = parse_layers(config.layers, n_layers)
@@ -224,12 +241,26 @@ def _plan(config: CollectConfig, tokenizer: Any, info: Any, model_config: Any) -
         )
     q_max = max(p.query_len for p in rows)
     p_slots = t if config.positions == "response" else q_max - 1 + t
+    vocab = getattr(model_config, "vocab_size", None)
+    if config.topk_logits and isinstance(vocab, int) and config.topk_logits > vocab:
+        raise IA2Error(f"--topk-logits {config.topk_logits}: more than the model's vocabulary "
+                       f"({vocab} tokens)")
+    # One shard is computed and buffered whole (fp32) before it is written: bound it before any
+    # allocation, and never let a huge --shard-rows become a cache's stored geometry.
+    shard = min(config.shard_rows, -(-len(rows) // config.chunk_rows) * config.chunk_rows)
+    need = shard * p_slots * hidden * len(layers) * 4
+    if need > SHARD_BYTES_MAX:
+        raise IA2Error(
+            f"--shard-rows {config.shard_rows}: a shard of {shard} rows buffers {need / 2**30:.1f} GiB of "
+            f"activations (limit {SHARD_BYTES_MAX / 2**30:.0f} GiB); lower --shard-rows"
+        )
     key_fields = {
         "model": {"fingerprint": info.fingerprint, "tokenizer": info.tokenizer_fingerprint},
         "task": {"content": task.content_hash, "template": task.template,
                  "separator": task.separator},
-        "n": config.n, "k": pairs.k, "seed": config.seed,
+        "n": config.n, "k": pairs.k, "seed": config.seed, "dev": len(pairs.dev),
         "response": config.response, "max_new_tokens": t, "stop": task.stop,
+        "sft_labels": _SFT_LABELS[t > 1],
         "site": config.site, "layers": layers, "positions": config.positions,
         "dtype": config.dtype, "topk_logits": config.topk_logits,
     }
@@ -245,7 +276,8 @@ def _plan(config: CollectConfig, tokenizer: Any, info: Any, model_config: Any) -
                       "separator": task.separator, "stop": task.stop,
                       "pool": len(task.pool), "eval": len(task.eval)},
         "n": config.n, "k": pairs.k, "seed": config.seed, "n_train": len(pairs.train),
-        "n_dev": len(pairs.dev), "response": config.response, "max_new_tokens": t,
+        "n_dev": len(pairs.dev), "sft_labels": _SFT_LABELS[t > 1],
+        "response": config.response, "max_new_tokens": t,
         "site": config.site, "layers": layers, "positions": config.positions,
         "position_slots": p_slots, "dtype": config.dtype, "topk_logits": config.topk_logits,
         "key_fields": key_fields,
@@ -263,7 +295,9 @@ def _plan(config: CollectConfig, tokenizer: Any, info: Any, model_config: Any) -
 _HOW_TO_READ = " ".join("""
 Row r of every array is one training pair. Student prompt: tokens/student_ids[r, :student_len[r]].
 Teacher prompt: tokens/teacher_ids[r, :teacher_len[r]]. Response: tokens/response_ids[r, :response_len[r]]
-(the teacher's greedy continuation, or the gold target). Activations: acts/<site>/layer_NNN[r, j] for
+(the teacher's greedy continuation, or the gold labels). Gold SFT labels:
+tokens/target_ids[r, :target_len[r]] (" " + target, then with T > 1 the stop string's ids, as
+manifest sft_labels says). Activations: acts/<site>/layer_NNN[r, j] for
 j < positions_len[r] were taken at teacher position tokens/teacher_positions[r, j] of teacher prompt +
 response, and match student position tokens/student_positions[r, j] of student prompt + response.
 uint16 arrays with attribute logical_dtype=bfloat16 hold bf16 bits (view as bfloat16). Pads are -1
@@ -280,6 +314,14 @@ _HOW_TO_READ_EVAL = (
 )
 
 
+SHARD_BYTES_MAX = 4 * 2**30
+"""The most activation memory one shard may buffer (fp32, before encoding)."""
+
+_SFT_LABELS = {False: "target", True: "target+stop"}
+"""What tokens/target_ids hold: with T > 1 the gold target then the stop ids (EOS where the task
+has no stop string), so SFT learns to stop where the teacher's responses stop."""
+
+
 def _act_path(site: str, layer: int) -> str:
     return f"acts/{site}/layer_{layer:03d}"
 
@@ -290,7 +332,7 @@ def _array_specs(config: CollectConfig, rows: tuple[PromptPair, ...], t: int, la
     dtype, logical = st[config.dtype]
     ls_max = max(len(p.student_ids) for p in rows)
     lt_max = max(len(p.teacher_ids) for p in rows)
-    tg_max = max(len(p.target_ids) for p in rows)
+    tg_max = max(len(p.label_ids(t)) for p in rows)
     specs = [
         ArraySpec(_act_path(config.site, i), (p_slots, hidden), dtype, logical, stats=True)
         for i in layers
@@ -372,7 +414,7 @@ class Teacher:
             return self._run_decoding(pairs, t, positions, stop, p_slots)
         one_pass = response == "icl"
         # icl's single token comes from this very trace's logits, below.
-        resp = [[] for _ in pairs] if one_pass else [list(p.target_ids[:t]) for p in pairs]
+        resp = [[] for _ in pairs] if one_pass else [list(p.label_ids(t)[:t]) for p in pairs]
         n_resp = [1 if one_pass else len(r) for r in resp]
         pos = [p.positions(n, positions) for p, n in zip(pairs, n_resp, strict=True)]
         # Input: prompt + response[:-1]; every aligned position lies inside it.
@@ -567,8 +609,9 @@ def _shard_data(plan: _Plan, config: CollectConfig, pairs: list[PromptPair],
     data["tokens/teacher_len"] = np.array([len(p.teacher_ids) for p in pairs], dtype=np.int32)
     data["tokens/response_ids"] = _ragged(resp, plan.t)
     data["tokens/response_len"] = np.array([len(r) for r in resp], dtype=np.int32)
-    data["tokens/target_ids"] = _ragged([p.target_ids for p in pairs], width("tokens/target_ids"))
-    data["tokens/target_len"] = np.array([len(p.target_ids) for p in pairs], dtype=np.int32)
+    labels = [p.label_ids(plan.t) for p in pairs]
+    data["tokens/target_ids"] = _ragged(labels, width("tokens/target_ids"))
+    data["tokens/target_len"] = np.array([len(x) for x in labels], dtype=np.int32)
     data["tokens/teacher_positions"] = _ragged([tp for tp, _ in pos], plan.p_slots)
     data["tokens/student_positions"] = _ragged([sp for _, sp in pos], plan.p_slots)
     data["tokens/positions_len"] = np.array([len(tp) for tp, _ in pos], dtype=np.int32)
@@ -624,13 +667,17 @@ def collect(config: CollectConfig, loaded: Any | None = None,
     store = config.store_path
     path = store / plan.key
     existing = Cache.open(path) if (path / "zarr.json").exists() else None
+    if config.repair and existing is not None and distributed.rank0_call(existing.repair):
+        existing = Cache.open(path)  # partial again: the resume below recomputes exactly those shards
     if existing is not None and existing.status == "complete":
         log.info("cache %s is complete: reused, no model work", path)
         return CollectResult(str(path), plan.key, existing.n_rows, True, "complete",
                              existing.bytes_on_disk(), round(time.perf_counter() - t0, 3),
                              manifest=existing.manifest)
     _check_store_writable(store)  # only now: a complete cache on a read-only store is reused
-    rows_per_shard = existing.rows_per_shard if existing else config.shard_rows
+    # A shard never holds more rows than the cache (rounded up to whole chunks).
+    wanted = min(config.shard_rows, -(-len(plan.rows) // config.chunk_rows) * config.chunk_rows)
+    rows_per_shard = existing.rows_per_shard if existing else wanted
     rows_per_chunk = existing.rows_per_chunk if existing else config.chunk_rows
     # Micro-batches are fixed per cache so that a resumed shard is computed bit-identically.
     batch_size = existing.manifest["about"]["batch_size"] if existing else config.batch_size
@@ -732,9 +779,7 @@ def _check_store_writable(store: Location) -> None:
         store.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise IA2Error(f"--store {store}: cannot create it ({exc.strerror or exc})") from exc
-    probe = store / f".ia2cache-write-probe-{os.getpid()}"  # one per process: ranks run at once
     try:
-        probe.write_bytes(b"")
-        probe.unlink()
+        probe_writable(store)  # a new file under a fresh name: never through a link planted there
     except OSError as exc:
         raise IA2Error(f"--store {store}: not writable ({exc.strerror or exc})") from exc

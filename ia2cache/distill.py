@@ -9,13 +9,16 @@ Launch: ``ia2cache distill --cache KEY --method a2t`` or ``ia2cache.distill(Dist
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import math
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +27,38 @@ import torch
 from ia2cache import distributed
 from ia2cache._faults import fault_point
 from ia2cache._fs import location
-from ia2cache._io import check_writable_dir, write_json_atomic
+from ia2cache._io import check_writable_dir, ensure_dir_beneath, write_json_atomic
 from ia2cache.adapters import ADAPTERS, AdapterSpec, attach, position_offset
 from ia2cache.errors import IA2Error
 from ia2cache.loader import Batch, CacheLoader, LoaderConfig
 from ia2cache.models import LoadedModel, home, load_model
 from ia2cache.objectives import OBJECTIVES, SCHEDULES, act_loss, tna_loss, tok_loss, tokl_loss
+from ia2cache.outputs import (
+    LOCK,
+    OutputLock,
+    claim_output_dir,
+    move_into,
+    release_if_unused,
+    save_tensors,
+)
 from ia2cache.padding import pad as pad_batch
+from ia2cache.prompts import check_seed
 from ia2cache.sites import decoder_layers, get_site, parse_layers
 from ia2cache.store import Cache, resolve_cache
 
 log = logging.getLogger(__name__)
 
 LABELS = ("gt", "icl")
+_NOT_IN_FINGERPRINT = frozenset({"out", "store", "device", "cache", "first_phase_from", "overwrite"})
+"""DistillConfig fields that do not change the trained weights (where things are, how they run)."""
+WRITES = ("adapter_model.safetensors", "adapter_config.json", "README.md", "run.json", "checkpoint")
+"""What distill writes into --out (``--overwrite`` removes only these)."""
+LR_MAX = 10.0
+"""Learning rates above this only diverge with Adam; refused before anything runs."""
+STEPS_MAX = 10_000_000
+BATCH_MAX = 65_536
+_EPOCH_STRIDE = 100_000
+"""Phase p's epochs are loader epochs p*_EPOCH_STRIDE + e: a fresh, reproducible order per phase."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +72,8 @@ class DistillConfig:
     method: str = "a2t"
     """act (IA2), tok (SFT), tokl (top-k KL), tna (mix), a2t (IA2 then SFT), t2a (SFT then IA2)."""
     labels: str = "gt"
-    """Labels for tok: gt (gold targets) or icl (the teacher's cached responses)."""
+    """Labels for tok: gt (gold targets, ending with the stop string when T > 1) or icl (the
+    teacher's cached responses)."""
     adapter: str = "lora"
     """PEFT adapter: lora, ia3, prompt (prompt tuning) or prefix (prefix tuning)."""
     lora_r: int = 8
@@ -62,24 +85,37 @@ class DistillConfig:
     num_virtual_tokens: int = 8
     """Virtual tokens for prompt and prefix tuning."""
     lr: float = 1e-4
-    """Adam learning rate (constant). The paper's grid: 1e-4, 3e-4, 1e-3."""
-    epochs: int = 50
-    """Maximum epochs per phase."""
+    """Adam learning rate (constant) of the first phase. The paper's grid: 1e-4, 3e-4, 1e-3."""
+    lr2: float | None = None
+    """Learning rate of the second phase (a2t's SFT, t2a's IA2); default --lr. Sweeps choose
+    each phase's lr on its own dev loss."""
+    max_steps: int = 1000
+    """Optimizer steps per phase at most. A phase that reaches it before early stopping is
+    recorded as capped (run.json, sweep rows); the sweep reports how often that happens."""
+    epochs: int | None = None
+    """Cap in epochs instead of --max-steps (converted: epochs x optimizer steps per epoch)."""
+    eval_every: int = 10
+    """Optimizer steps between dev evaluations (early stopping's clock; also checkpoints)."""
     batch_size: int = 4
     """Rows per optimizer step (micro-batch rows x grad_accum); under torchrun the global batch,
     split across the ranks."""
     grad_accum: int = 1
     """Micro-batches per optimizer step; micro-batch rows = batch_size / grad_accum."""
     patience: int = 5
-    """Early stopping: dev evaluations without improvement before a phase ends."""
+    """Early stopping: dev evaluations without a significant improvement (see min_delta) before
+    a phase ends; the best dev state seen (the initial one included) is restored."""
+    min_delta: float = 0.01
+    """A dev loss counts as an improvement for patience when it is below (1 - min_delta) x the
+    loss at the last improvement: a plateau's noise does not keep a phase running to the cap."""
     seed: int = 0
-    """Seed of the adapter's initialisation and of the row order."""
+    """Seed of the adapter's initialisation and of the row order, in [0, 2**32)."""
     layers: str | None = None
     """Layers to align (a subset of the cache's); default all the cache holds."""
     normalize: bool = False
     """Divide each layer's act loss by the teacher's variance at that layer (ledger stats)."""
     tna_weight: float = 0.5
-    """w in tna = (1-w)*act + w*tok."""
+    """w in tna = (1-w)*c*act + w*tok, where c = tok/act on the training rows at step 0, so that
+    w=0.5 weighs both halves equally at the start (the act sum over layers is 10-100x a CE)."""
     model: str | None = None
     """Base model; default the one the cache was collected from."""
     allow_model_mismatch: bool = False
@@ -87,8 +123,15 @@ class DistillConfig:
     skip_damaged: bool = False
     """Train without the rows of damaged cache chunks (checksum mismatch, unreadable or deleted
     shard files) instead of stopping; how many rows were dropped is logged and kept in run.json."""
+    first_phase_from: str | None = None
+    """a2t/t2a: take the first phase from this finished act/tok run directory (same cache, seed,
+    adapter, budgets and --lr) instead of training it again. The result is the same, so it is
+    not part of the run's fingerprint; sweep uses it to share a2t's IA2 phase with the act cell."""
     out: str | None = None
-    """Output directory; default $IA2CACHE_HOME/runs/<cache key>/<method>-<adapter>-lr<lr>-s<seed>."""
+    """Output directory; default $IA2CACHE_HOME/runs/<cache key>/<method>-<adapter>-lr<lr>-s<seed>.
+    It must be new, empty, or a distill folder of this same run (resumed or reused)."""
+    overwrite: bool = False
+    """Let --out hold a distill run with other settings: the files that run wrote are removed first."""
     device: str | None = None
     """cpu or cuda; default cuda when available."""
 
@@ -99,38 +142,75 @@ class DistillConfig:
             raise IA2Error(f"--labels {self.labels}: choose gt or icl")
         if self.adapter not in ADAPTERS:
             raise IA2Error(f"--adapter {self.adapter}: choose one of {', '.join(ADAPTERS)}")
-        for flag, v in (("--lr", self.lr), ("--epochs", self.epochs), ("--batch-size", self.batch_size),
-                        ("--grad-accum", self.grad_accum), ("--patience", self.patience),
-                        ("--lora-r", self.lora_r)):
-            if v <= 0:
-                raise IA2Error(f"{flag} {v}: must be positive")
+        for flag, lr in (("--lr", self.lr), ("--lr2", self.lr2)):
+            ok = isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr <= LR_MAX
+            if lr is not None and not ok:
+                raise IA2Error(f"{flag} {lr}: must be a finite learning rate in (0, {LR_MAX:g}]")
+        for flag, v, hi in (("--max-steps", self.max_steps, STEPS_MAX), ("--epochs", self.epochs, STEPS_MAX),
+                            ("--eval-every", self.eval_every, STEPS_MAX),
+                            ("--batch-size", self.batch_size, BATCH_MAX),
+                            ("--grad-accum", self.grad_accum, BATCH_MAX),
+                            ("--patience", self.patience, STEPS_MAX), ("--lora-r", self.lora_r, 4096),
+                            ("--lora-alpha", self.lora_alpha, 65536),
+                            ("--num-virtual-tokens", self.num_virtual_tokens, 4096)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= hi):
+                raise IA2Error(f"{flag} {v}: must be an integer from 1 to {hi}")
         if self.batch_size % self.grad_accum:
             raise IA2Error(f"--grad-accum {self.grad_accum}: must divide --batch-size {self.batch_size}")
-        if not 0.0 <= self.tna_weight <= 1.0:
+        if not (math.isfinite(self.min_delta) and 0.0 <= self.min_delta < 1.0):
+            raise IA2Error(f"--min-delta {self.min_delta}: must be in [0, 1)")
+        if not (math.isfinite(self.tna_weight) and 0.0 <= self.tna_weight <= 1.0):
             raise IA2Error(f"--tna-weight {self.tna_weight}: must be in [0, 1]")
+        check_seed(self.seed)
+        if self.lr2 is not None and len(SCHEDULES[self.method]) < 2:
+            raise IA2Error(f"--lr2 {self.lr2}: --method {self.method} has one phase; --lr2 is for a2t/t2a")
+        if self.first_phase_from is not None and len(SCHEDULES[self.method]) < 2:
+            raise IA2Error(f"--first-phase-from: --method {self.method} has one phase; it is for a2t/t2a")
+
+    def phase_lrs(self) -> list[float]:
+        """The learning rate of each phase."""
+        n = len(SCHEDULES[self.method])
+        return [self.lr] + [self.lr2 if self.lr2 is not None else self.lr] * (n - 1)
 
     def run_name(self) -> str:
-        return f"{self.method}-{self.adapter}-lr{self.lr:g}-s{self.seed}"
+        two = f"-lr2{self.lr2:g}" if self.lr2 is not None else ""
+        return f"{self.method}-{self.adapter}-lr{self.lr:g}{two}-s{self.seed}"
 
     def fingerprint(self) -> str:
         """Hash of every field that changes the trained weights."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("out", "store", "device", "cache")}
+        d = {k: v for k, v in asdict(self).items() if k not in _NOT_IN_FINGERPRINT}
         if not self.skip_damaged:  # off, it changes nothing: runs from before it keep their hash
             d.pop("skip_damaged")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def first_phase_config(self) -> DistillConfig:
+        """The single-phase run (act for a2t, tok for t2a) whose result is this run's phase 1."""
+        return replace(self, method=SCHEDULES[self.method][0], lr2=None, first_phase_from=None, out=None)
 
 
 @dataclass
 class DistillResult:
     adapter: str
+    """The adapter directory (peft's files plus run.json)."""
     method: str
     best_epoch: list[int]
+    """Per phase: the epoch holding the best dev step (-1: the initial state was best)."""
     epochs_run: list[int]
+    """Per phase: epochs begun."""
     final: dict[str, float | None]
+    """The last phase's train and dev loss at its best step."""
     seconds: float
     reused: bool = False
     initial_dev_loss: list[float | None] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
+    best_step: list[int] = field(default_factory=list)
+    """Per phase: the optimizer step whose state was kept (0: the initial state)."""
+    steps_run: list[int] = field(default_factory=list)
+    """Per phase: optimizer steps taken."""
+    capped: list[bool] = field(default_factory=list)
+    """Per phase: True when the step cap, not early stopping, ended it."""
+    lrs: list[float] = field(default_factory=list)
+    """Per phase: the learning rate."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -227,11 +307,21 @@ class _Run:
     variances: dict[int, float] | None
     out: Path
     device: torch.device
+    max_steps: int
+    """The step cap per phase (--max-steps, or --epochs converted)."""
     history: list[dict[str, Any]] = field(default_factory=list)
     initial: dict[str, float | None] = field(default_factory=dict)
     """Dev loss of each phase before its first step (keys are phase indices as strings)."""
+    phases: list[dict[str, Any]] = field(default_factory=list)
+    """Per finished phase: lr, best_step, steps_run, capped, best_epoch, epochs_run."""
+    tna_scale: float | None = None
+    """c in tna = (1-w)*c*act + w*tok: tok/act on the training rows at step 0."""
     loop_seconds: float = 0.0
     """Wall time inside the training loops (steps plus waiting for data)."""
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(len(self.train) / self.config.grad_accum))
 
 
 def _act_source(cache: Cache) -> str:
@@ -240,6 +330,16 @@ def _act_source(cache: Cache) -> str:
 
 def _losses(run: _Run, batch: Batch, objective: str) -> torch.Tensor:
     """The loss of one batch under one objective (a registered ``OBJECTIVES`` entry)."""
+    parts = _loss_parts(run, batch, objective)
+    if objective == "tna":
+        scale = run.tna_scale if run.tna_scale is not None else 1.0
+        return tna_loss(parts["act"] * scale, parts["tok"], run.config.tna_weight)
+    return parts[objective]
+
+
+def _loss_parts(run: _Run, batch: Batch, objective: str) -> dict[str, torch.Tensor]:
+    """The terms an objective is made of (``act``, ``tok``, ``tokl``), from as few forwards as
+    possible."""
     obj = OBJECTIVES[objective]
     cfg, dev = run.config, run.device
     act_src = _act_source(run.cache)
@@ -254,34 +354,68 @@ def _losses(run: _Run, batch: Batch, objective: str) -> torch.Tensor:
         want_logits = obj.needs_topk or share
         run.capture.on = obj.needs_acts
         run.capture.stop_at = run.layers[-1] if not want_logits else None
+        pos = batch.student_positions.to(dev) + run.offset
+        pmask = batch.position_mask.to(dev)
+        logits_at = pos if obj.needs_topk else act_seq.label_pos + run.offset
         try:
-            out = run.model(input_ids=act_seq.ids, attention_mask=act_seq.mask)
+            out = _forward(run, act_seq, logits_at if want_logits else None)
         except _StopForward:
             out = None
         run.capture.on = False
-        pos = batch.student_positions.to(dev) + run.offset
-        pmask = batch.position_mask.to(dev)
         if obj.needs_acts:
             student = {i: run.capture.out[i][bi, pos] for i in run.layers}
             teacher = {i: batch.acts[i].to(dev).float() for i in run.layers}
             losses["act"] = act_loss(student, teacher, pmask, run.variances)
         if obj.needs_topk:
             assert out is not None
-            losses["tokl"] = tokl_loss(out.logits[bi, pos], batch.topk_values.to(dev),
-                                       batch.topk_ids.to(dev), pmask)
+            losses["tokl"] = tokl_loss(out, batch.topk_values.to(dev), batch.topk_ids.to(dev), pmask)
         if share:
             assert out is not None
+            # Shared only when the tok sequence is this one, or both are one token long (then the
+            # ids and positions agree and only the labels may differ: gold vs the teacher's).
             pad = run.tokenizer.pad_token_id
             seq = act_seq if tok_src == act_src else _sequence(batch, tok_src, pad, dev)
-            lp = seq.label_pos + run.offset
-            losses["tok"] = tok_loss(out.logits[bi, lp], seq.labels, seq.label_mask)
+            losses["tok"] = tok_loss(out, seq.labels, seq.label_mask)
     if obj.needs_logits and not obj.needs_topk and "tok" not in losses:
         seq = _sequence(batch, tok_src, run.tokenizer.pad_token_id, dev)
-        out = run.model(input_ids=seq.ids, attention_mask=seq.mask)
-        losses["tok"] = tok_loss(out.logits[bi, seq.label_pos + run.offset], seq.labels, seq.label_mask)
-    if objective == "tna":
-        return tna_loss(losses["act"], losses["tok"], cfg.tna_weight)
-    return losses[objective]
+        losses["tok"] = tok_loss(_forward(run, seq, seq.label_pos + run.offset), seq.labels, seq.label_mask)
+    return losses
+
+
+def _forward(run: _Run, seq: _Seq, logits_at: torch.Tensor | None) -> torch.Tensor | None:
+    """The student forward over ``seq``; the logits at positions ``logits_at`` (B, P), as (B, P, V).
+
+    The LM head runs only at the positions some row needs (transformers' ``logits_to_keep``): at
+    T=1 that is a few positions instead of every one, a quarter of SmolLM2's forward. With
+    ``logits_at`` None only the capture hooks matter (they may stop the forward early)."""
+    if logits_at is None:
+        run.model(input_ids=seq.ids, attention_mask=seq.mask)
+        return None
+    keep = torch.unique(logits_at)  # sorted
+    out = run.model(input_ids=seq.ids, attention_mask=seq.mask, logits_to_keep=keep)
+    bi = torch.arange(logits_at.shape[0], device=logits_at.device)[:, None]
+    return out.logits[bi, torch.searchsorted(keep, logits_at)]
+
+
+@torch.no_grad()
+def _tna_scale(run: _Run) -> float:
+    """tok/act, each the mean over the training rows at the phase's start (row order, no grad):
+    the act term times this equals the tok term at step 0, so w=0.5 weighs them equally."""
+    run.model.eval()
+    sums = {"act": 0.0, "tok": 0.0}
+    n = 0
+    run.train.set_epoch(0)
+    for batch in run.train:
+        parts = _loss_parts(run, batch, "tna")
+        rows = len(batch.rows)
+        for k in sums:
+            sums[k] += float(parts[k]) * rows
+        n += rows
+    act, tok = distributed.all_reduce_sum([sums["act"], sums["tok"]])
+    if not (math.isfinite(act) and math.isfinite(tok)) or act <= 0:
+        raise IA2Error(f"--method tna: the act loss at step 0 is {act:g} (tok {tok:g}); cannot weigh "
+                       "the two terms; check the cache with `ia2cache verify`")
+    return tok / act
 
 
 @torch.no_grad()
@@ -320,30 +454,32 @@ def _ckpt_dir(out: Path) -> Path:
     return out / "checkpoint"
 
 
-def _save_checkpoint(run: _Run, state: dict[str, Any], opt: torch.optim.Optimizer,
+def _save_checkpoint(run: _Run, state: dict[str, Any], opt: torch.optim.Optimizer | None,
                      best: dict[str, torch.Tensor] | None) -> None:
     """Tensors in safetensors, counters in JSON; ``state.json`` is renamed in last, so a kill
-    at any moment leaves the previous checkpoint whole. Under torchrun only rank 0 writes."""
-    from safetensors.torch import save_file
+    at any moment leaves the previous checkpoint whole. Under torchrun only rank 0 writes.
 
+    ``state``: the phase in progress (``phase``, ``step``, ``best_loss``, ``best_step``, ``bad``,
+    the train loader's ``loader`` position); ``step`` 0 with no ``loader`` is a phase not begun."""
     if not distributed.is_main():
         return
 
     d = _ckpt_dir(run.out)
-    d.mkdir(parents=True, exist_ok=True)
-    tag = f"{state['phase']}-{state['epoch']}"
+    ensure_dir_beneath(run.out, d, follow_root=False)  # a symlinked checkpoint folder is refused
+    tag = f"{state['phase']}-{state['step']}"
     current = {k: v.contiguous().cpu() for k, v in _snapshot(run.model).items()}
-    save_file(current, d / f"adapter-{tag}.safetensors")
+    save_tensors(current, d / f"adapter-{tag}.safetensors")
     fault_point("distill.mid_checkpoint")  # a kill here must leave the previous checkpoint usable
     if best is not None:
-        save_file({k: v.contiguous().cpu() for k, v in best.items()}, d / f"best-{tag}.safetensors")
-    osd = opt.state_dict()
+        save_tensors({k: v.contiguous().cpu() for k, v in best.items()}, d / f"best-{tag}.safetensors")
+    osd = opt.state_dict() if opt is not None else {"state": {}, "param_groups": []}
     flat = _flat_optim(osd["state"])
     if flat:
-        save_file(flat, d / f"optim-{tag}.safetensors")
+        save_tensors(flat, d / f"optim-{tag}.safetensors")
     meta = {**state, "tag": tag, "param_groups": osd["param_groups"], "has_best": best is not None,
             "config_fingerprint": run.config.fingerprint(), "cache_key": run.cache.key,
-            "has_optim": bool(flat), "history": run.history, "initial": run.initial}
+            "has_optim": bool(flat), "history": run.history, "initial": run.initial,
+            "phases": run.phases, "tna_scale": run.tna_scale}
     write_json_atomic(d / "state.json", meta, indent=1)
     for p in d.iterdir():  # drop older checkpoints only after the new state.json is in place
         if p.suffix == ".safetensors" and not p.stem.endswith(tag):
@@ -371,6 +507,8 @@ def _load_checkpoint(run: _Run) -> tuple[dict[str, Any], dict[str, torch.Tensor]
                  "param_groups": meta["param_groups"]}
     run.history = meta["history"]
     run.initial = meta.get("initial", {})
+    run.phases = meta.get("phases", [])
+    run.tna_scale = meta.get("tna_scale")
     return meta, best, optim
 
 
@@ -404,7 +542,8 @@ def _resume(run: _Run) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, 
         return None if read["ckpt"] is None else read["ckpt"][0]
 
     meta = distributed.rank0_call(meta_of_rank0)
-    run.history, run.initial = distributed.broadcast_object([run.history, run.initial])
+    run.history, run.initial, run.phases, run.tna_scale = distributed.broadcast_object(
+        [run.history, run.initial, run.phases, run.tna_scale])
     distributed.broadcast_params(list(_trainable(run.model).values()))
     if meta is None:
         return None
@@ -430,9 +569,9 @@ def _locate(config: DistillConfig) -> tuple[Cache, Path]:
     return cache, out
 
 
-def _setup(config: DistillConfig, loaded: LoadedModel | None) -> _Run:
-    distributed.init()  # no-op unless launched by torchrun with WORLD_SIZE > 1
-    cache, out = _locate(config)
+def _preflight(config: DistillConfig, cache: Cache) -> list[int]:
+    """Every check the cache alone can answer, before --out is touched or a model loaded.
+    Returns the layers to align."""
     manifest = cache.manifest
     if cache.status != "complete":
         raise IA2Error(f"--cache {cache.path}: is {cache.status}, not complete; run `ia2cache collect` again")
@@ -441,17 +580,25 @@ def _setup(config: DistillConfig, loaded: LoadedModel | None) -> _Run:
         raise IA2Error(
             f"--method {config.method}: the cache has no top-k logits; collect with --topk-logits K"
         )
+    if config.layers is None:
+        return list(manifest["layers"])
+    layers = parse_layers(config.layers, manifest["model"]["layers_total"])
+    missing = sorted(set(layers) - set(manifest["layers"]))
+    if missing:
+        raise IA2Error(f"--layers {config.layers}: layer {missing[0]} is not in the cache "
+                       f"(it holds {manifest['layers']})")
+    return layers
+
+
+def _setup(config: DistillConfig, loaded: LoadedModel | None) -> _Run:
+    distributed.init()  # no-op unless launched by torchrun with WORLD_SIZE > 1
+    cache, out = _locate(config)
+    manifest = cache.manifest
+    layers = _preflight(config, cache)
     spec = config.model or manifest.get("about", {}).get("model_spec", "default")
     device = torch.device(config.device) if config.device else None
     if loaded is None:
         loaded = load_model(spec, device=device)
-    layers = parse_layers(config.layers or "all", manifest["model"]["layers_total"])
-    missing = sorted(set(layers) - set(manifest["layers"]))
-    if config.layers is None:
-        layers = list(manifest["layers"])
-    elif missing:
-        raise IA2Error(f"--layers {config.layers}: layer {missing[0]} is not in the cache "
-                       f"(it holds {manifest['layers']})")
     torch.manual_seed(config.seed)  # the adapter's initialisation
     for p in loaded.model.parameters():
         p.requires_grad_(False)
@@ -471,76 +618,155 @@ def _setup(config: DistillConfig, loaded: LoadedModel | None) -> _Run:
     if config.normalize:
         site = manifest["site"]
         variances = {i: float(cache.stats(f"acts/{site}/layer_{i:03d}")["var"]) for i in layers}
+    if len(train) == 0:
+        raise IA2Error(f"--cache {cache.path}: no training rows to train on")
+    steps_per_epoch = max(1, math.ceil(len(train) / config.grad_accum))
+    max_steps = config.epochs * steps_per_epoch if config.epochs is not None else config.max_steps
     if distributed.is_main():  # only rank 0 writes --out
         out.mkdir(parents=True, exist_ok=True)
     return _Run(config=config, cache=cache, model=model, tokenizer=loaded.tokenizer, layers=layers,
                 capture=_Capture(model, manifest["site"], layers), train=train, dev=dev,
                 offset=position_offset(config.adapter, aspec), variances=variances, out=out,
-                device=loaded.device)
+                device=loaded.device, max_steps=max_steps)
 
 
 # ----------------------------------------------------------------------------- train
 
 
-def _train_phase(run: _Run, phase: int, objective: str, start: dict[str, Any] | None,
+def _diverged(run: _Run, phase: int, objective: str, step: int, lr: float, value: float) -> IA2Error:
+    epoch = step // run.steps_per_epoch
+    flag = "--lr" if phase == 0 else "--lr2"
+    return IA2Error(
+        f"diverged at phase {phase + 1} ({objective}), epoch {epoch}, step {step}: the loss became "
+        f"{value} with lr {lr:g}; lower {flag}. Nothing was saved as a finished adapter"
+    )
+
+
+def _train_phase(run: _Run, phase: int, objective: str, lr: float, state: dict[str, Any],
                  best: dict[str, torch.Tensor] | None, optim_state: dict | None,
-                 progress: Progress | None) -> tuple[int, int]:
-    """Train one objective to early stopping; restore its best state. Returns (best, epochs run)."""
+                 progress: Progress | None) -> dict[str, Any]:
+    """Train one objective until early stopping or the step cap; restore its best dev state.
+
+    ``state`` is a fresh phase (``step`` 0, no ``loader``) or a checkpoint's. Returns the
+    phase's record: lr, best_step (0: the initial state), steps_run, capped, epochs."""
     cfg = run.config
     params = list(_trainable(run.model).values())
-    opt = torch.optim.Adam(params, lr=cfg.lr)  # a fresh optimizer per phase (a2t, t2a)
+    opt = torch.optim.Adam(params, lr=lr)  # a fresh optimizer per phase (a2t, t2a)
     if optim_state is not None:
         opt.load_state_dict(optim_state)
-    if start is None:
-        run.initial[str(phase)] = _dev_loss(run, objective)
-    first = start["epoch"] if start else 0
-    best_loss = start["best_loss"] if start else float("inf")
-    best_epoch = start["best_epoch"] if start else -1
-    bad = start["bad"] if start else 0
-    epoch = first
-    for epoch in range(first, cfg.epochs):
-        if bad >= cfg.patience:
-            break
+    st = dict(state)
+    if st.get("loader") is None:  # a phase not begun: weigh tna, score the initial state
+        if objective == "tna":
+            run.tna_scale = _tna_scale(run)
+        init = distributed.broadcast_object(_dev_loss(run, objective))
+        run.initial[str(phase)] = init
+        if init is not None and not math.isfinite(init):
+            raise _diverged(run, phase, objective, 0, lr, init)
+        # The initial state is a candidate: a phase that never helps dev restores it (best_step 0).
+        start = init if init is not None else float("inf")
+        st.update(step=0, bad=0, best_step=0, best_loss=start, mark=start)
+        best = _snapshot(run.model)
+        run.history.append({"phase": phase, "objective": objective, "step": 0, "epoch": 0,
+                            "train_loss": None, "dev_loss": init})
+        run.train.set_epoch(phase * _EPOCH_STRIDE)
+    else:
+        run.train.load_state_dict(st["loader"])
+    step, bad = int(st["step"]), int(st["bad"])
+    best_loss, best_step = float(st["best_loss"]), int(st["best_step"])
+    mark = float(st["mark"])  # the loss at the last significant improvement (patience's reference)
+    since, since_rows, acc = 0.0, 0, 0
+    t_loop = time.perf_counter()
+    while step < run.max_steps and bad < cfg.patience:
         run.model.train()
-        run.train.set_epoch(phase * 100_000 + epoch)  # a fresh, reproducible order per epoch
-        total, rows = 0.0, 0
         opt.zero_grad(set_to_none=True)
-        t_loop = time.perf_counter()
-        for step, batch in enumerate(run.train, start=1):
+        for batch in run.train:
             loss = _losses(run, batch, objective)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise _diverged(run, phase, objective, step + 1, lr, value)
             # This rank's share of the global batch, weighted so that the rank-averaged gradient
             # is the gradient of the global batch's mean loss (weight 1 with equal shares).
             share = len(batch.rows) * distributed.world_size() / batch.global_rows
             (loss * share / cfg.grad_accum).backward()
-            if step % cfg.grad_accum == 0 or step == len(run.train):
-                distributed.all_reduce_grads(params)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            total += loss.item() * len(batch.rows)
-            rows += len(batch.rows)
+            since += value * len(batch.rows)
+            since_rows += len(batch.rows)
+            acc += 1
+            end_of_epoch = run.train.position == len(run.train)
+            if acc < cfg.grad_accum and not end_of_epoch:
+                continue
+            distributed.all_reduce_grads(params)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            acc = 0
+            step += 1
             if progress:
-                progress({"phase": phase, "objective": objective, "epoch": epoch, "step": step,
-                          "steps": len(run.train), "loss": loss.item()})
-        run.loop_seconds += time.perf_counter() - t_loop
-        total, rows = distributed.all_reduce_sum([total, rows])
-        train_loss = total / max(rows, 1)
-        dev_loss = distributed.broadcast_object(_dev_loss(run, objective))
-        score = dev_loss if dev_loss is not None else train_loss
-        if score < best_loss:
-            best_loss, best_epoch, bad, best = score, epoch, 0, _snapshot(run.model)
-        else:
-            bad += 1
-        run.history.append({"phase": phase, "objective": objective, "epoch": epoch,
-                            "train_loss": train_loss, "dev_loss": dev_loss})
-        if progress:
-            progress({"phase": phase, "objective": objective, "epoch": epoch, "train_loss": train_loss,
-                      "dev_loss": dev_loss, "end_of_epoch": True})
-        _save_checkpoint(run, {"phase": phase, "epoch": epoch + 1, "best_loss": best_loss,
-                               "best_epoch": best_epoch, "bad": bad}, opt, best)
-        fault_point("distill.after_checkpoint")
+                progress({"phase": phase, "objective": objective, "step": step, "steps": run.max_steps,
+                          "epoch": step // run.steps_per_epoch, "loss": value})
+            if step % cfg.eval_every and step < run.max_steps:
+                continue
+            # An evaluation: early stopping's clock, and a checkpoint.
+            run.loop_seconds += time.perf_counter() - t_loop
+            total, rows = distributed.all_reduce_sum([since, since_rows])
+            train_loss = total / max(rows, 1)
+            since, since_rows = 0.0, 0
+            dev_loss = distributed.broadcast_object(_dev_loss(run, objective))
+            score = dev_loss if dev_loss is not None else train_loss
+            if not math.isfinite(score):
+                raise _diverged(run, phase, objective, step, lr, score)
+            if score < best_loss:
+                best_loss, best_step, best = score, step, _snapshot(run.model)
+            if score < mark * (1.0 - cfg.min_delta) or math.isinf(mark):
+                mark, bad = score, 0
+            else:
+                bad += 1
+            epoch = (step - 1) // run.steps_per_epoch
+            run.history.append({"phase": phase, "objective": objective, "step": step, "epoch": epoch,
+                                "train_loss": train_loss, "dev_loss": dev_loss})
+            if progress:
+                progress({"phase": phase, "objective": objective, "step": step, "epoch": epoch,
+                          "train_loss": train_loss, "dev_loss": dev_loss, "evaluation": True})
+            _save_checkpoint(run, {"phase": phase, "step": step, "best_loss": best_loss, "mark": mark,
+                                   "best_step": best_step, "bad": bad, "loader": run.train.state_dict()},
+                             opt, best)
+            fault_point("distill.after_checkpoint")
+            run.model.train()
+            t_loop = time.perf_counter()
+            if bad >= cfg.patience or step >= run.max_steps:
+                break
+    run.loop_seconds += time.perf_counter() - t_loop
     if best is not None:
-        _restore(run.model, best)  # really restore the best epoch's weights
-    return best_epoch, sum(1 for h in run.history if h["phase"] == phase)
+        _restore(run.model, best)  # really restore the best step's weights
+    spe = run.steps_per_epoch
+    return {"objective": objective, "lr": lr, "best_step": best_step, "steps_run": step,
+            "capped": bad < cfg.patience, "best_epoch": (best_step - 1) // spe if best_step else -1,
+            "epochs_run": math.ceil(step / spe), "max_steps": run.max_steps,
+            "eval_every": cfg.eval_every, "patience": cfg.patience, "min_delta": cfg.min_delta}
+
+
+def _take_first_phase(run: _Run) -> None:
+    """a2t/t2a with ``first_phase_from``: load that finished run's adapter and record as this
+    run's phase 1, after checking that it is exactly the run phase 1 would be."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    cfg = run.config
+    src = Path(str(cfg.first_phase_from)).expanduser()
+    flag = f"--first-phase-from {src}"
+    try:
+        record = json.loads((src / "run.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise IA2Error(f"{flag}: no readable run.json ({type(exc).__name__}: {exc})") from None
+    want = cfg.first_phase_config()
+    if record.get("cache_key") != run.cache.key or record.get("config_fingerprint") != want.fingerprint():
+        theirs = record.get("config") or {}
+        diff = [k for k, v in asdict(want).items()
+                if k not in ("out", "store", "device", "cache") and theirs.get(k) != v]
+        what = f"settings differ: {', '.join(diff)}" if diff else "another cache"
+        raise IA2Error(f"{flag}: is not this run's phase 1 ({what})")
+    set_peft_model_state_dict(run.model, load_file(src / "adapter_model.safetensors"))
+    run.history = [h for h in record["history"] if h["phase"] == 0]
+    run.initial = {"0": (record.get("initial_dev_loss") or [None])[0]}
+    run.phases = [dict(record["phases"][0], first_phase_from=str(src))]
 
 
 def distill(config: DistillConfig, loaded: LoadedModel | None = None,
@@ -550,11 +776,15 @@ def distill(config: DistillConfig, loaded: LoadedModel | None = None,
     Args:
         config: the run.
         loaded: a loaded base model (it is wrapped in place by peft); loaded on demand otherwise.
-        progress: called after every step and epoch.
+        progress: called after every optimizer step and every dev evaluation.
 
     Returns:
-        The adapter directory (loadable with ``peft.PeftModel.from_pretrained``), best epochs,
-        epochs run per phase, final losses and wall time.
+        The adapter directory (loadable with ``peft.PeftModel.from_pretrained``), per phase the
+        best step, steps run, whether the cap ended it and its lr, final losses and wall time.
+
+    Raises:
+        IA2Error: bad settings, an unusable cache or output folder, or a diverged loss (nothing
+            is then saved as a finished adapter).
     """
     t0 = time.perf_counter()
     distributed.init()  # no-op unless launched by torchrun with WORLD_SIZE > 1
@@ -562,92 +792,137 @@ def distill(config: DistillConfig, loaded: LoadedModel | None = None,
     done = out / "run.json"
     # Checked before any model is loaded: a finished run costs nothing. Under torchrun rank 0
     # decides for all (only it writes --out; other nodes may not even see that directory).
-    prev = distributed.rank0_call(lambda: json.loads(done.read_text()) if done.is_file() else None) or {}
+    prev = distributed.rank0_call(lambda: _read_record(done)) or {}
     if prev.get("config_fingerprint") == config.fingerprint() and prev.get("cache_key") == cache.key:
         log.info("%s already holds this finished run: reused", out)
-        return DistillResult(str(out), config.method, prev["best_epoch"], prev["epochs_run"],
-                             prev["final"], prev["seconds"], reused=True,
-                             initial_dev_loss=prev.get("initial_dev_loss", []), history=prev["history"])
+        return _result(prev, str(out), reused=True)
 
-    def check_out() -> None:  # only now: a finished run in a read-only folder is reused above
+    distributed.rank0_call(lambda: _preflight(config, cache))  # bad input: nothing written yet
+    held = contextlib.ExitStack()
+
+    def claim_out() -> None:  # only now: a finished run in a read-only folder is reused above
         check_writable_dir(out, "--out")
+        settings = {k: v for k, v in asdict(config).items() if k not in _NOT_IN_FINGERPRINT}
+        settings = {**json.loads(json.dumps(settings)), "cache_key": cache.key}
+        claim_output_dir(out, "--out", "distill", settings=settings, writes=WRITES,
+                         overwrite=config.overwrite)
+        held.enter_context(OutputLock(out / LOCK, "--out"))  # for the whole run
 
-    distributed.rank0_call(check_out)  # only rank 0 writes --out; its refusal stops every rank
+    distributed.rank0_call(claim_out)  # only rank 0 writes --out; its refusal stops every rank
+    with held:
+        try:
+            return _distill(config, loaded, progress, t0)
+        except BaseException:
+            if distributed.is_main():
+                release_if_unused(out)  # nothing written but the marker: a corrected rerun may use it
+            raise
+
+
+def _distill(config: DistillConfig, loaded: LoadedModel | None, progress: Progress | None,
+             t0: float) -> DistillResult:
     run = _setup(config, loaded)
-    resumed = _resume(run)
-    start_phase, start, best, optim = 0, None, None, None
-    if resumed is not None:
-        meta, best, optim = resumed
-        start_phase, start = meta["phase"], meta
-        log.info("resuming %s at phase %d epoch %d", run.out, meta["phase"], meta["epoch"])
-    best_epochs, epochs_run = [], []
     phases = SCHEDULES[config.method]
-    for i, objective in enumerate(phases):
-        if i < start_phase:
-            best_epochs.append(_phase_best(run.history, i))
-            epochs_run.append(sum(1 for h in run.history if h["phase"] == i))
-            continue
-        s = start if i == start_phase else None
-        b, n = _train_phase(run, i, objective, s, best if s else None, optim if s else None, progress)
-        best_epochs.append(b)
-        epochs_run.append(n)
+    lrs = config.phase_lrs()
+    resumed = _resume(run)
+    state: dict[str, Any] = {"phase": 0, "step": 0}
+    best, optim = None, None
+    if resumed is not None:
+        state, best, optim = resumed
+        log.info("resuming %s at phase %d step %d", run.out, state["phase"], state["step"])
+    elif config.first_phase_from:
+        _take_first_phase(run)
+        state = {"phase": 1, "step": 0}
+    for i in range(int(state["phase"]), len(phases)):
+        fresh = i != state["phase"]
+        run.phases.append(_train_phase(run, i, phases[i], lrs[i], {"phase": i, "step": 0} if fresh else state,
+                                       None if fresh else best, None if fresh else optim, progress))
         if i + 1 < len(phases):  # the next phase starts from this phase's best state
-            _save_checkpoint(run, {"phase": i + 1, "epoch": 0, "best_loss": float("inf"),
-                                   "best_epoch": -1, "bad": 0},
-                             torch.optim.Adam(list(_trainable(run.model).values()), lr=config.lr), None)
-    final = _final_losses(run, len(phases) - 1)
+            _save_checkpoint(run, {"phase": i + 1, "step": 0}, None, None)
+    final = _final_losses(run)
     seconds = round(time.perf_counter() - t0, 3)
-    _save_outputs(run, best_epochs, epochs_run, final, seconds)
+    record = _save_outputs(run, final, seconds)
     run.capture.close()
     distributed.barrier()  # rank 0 has written the adapter and run.json
-    initial = [run.initial.get(str(i)) for i in range(len(phases))]
-    return DistillResult(str(run.out), config.method, best_epochs, epochs_run, final, seconds,
-                         initial_dev_loss=initial, history=run.history)
+    return _result(record, str(run.out), reused=False)
 
 
-def _best_entry(history: list[dict[str, Any]], phase: int) -> dict[str, Any] | None:
-    """The epoch of ``phase`` that early stopping kept (lowest dev loss, else train loss)."""
-    mine = [h for h in history if h["phase"] == phase]
-    return min(mine, key=lambda h: h["dev_loss"] if h["dev_loss"] is not None else h["train_loss"],
-               default=None)
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """A finished run's run.json, or None when there is none (or it is not this toolkit's:
+    unreadable, not an object). A link or special file there is refused, never followed."""
+    import stat as stat_
+
+    try:
+        st = path.lstat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if not stat_.S_ISREG(st.st_mode):
+        from ia2cache._io import file_kind, refusal
+
+        raise refusal(path, file_kind(st.st_mode))
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
-def _phase_best(history: list[dict[str, Any]], phase: int) -> int:
-    best = _best_entry(history, phase)
-    return best["epoch"] if best else -1
+def _result(record: dict[str, Any], adapter: str, reused: bool) -> DistillResult:
+    """A DistillResult from a run.json record (what a finished run wrote, or is writing)."""
+    ph = record.get("phases") or []
+    return DistillResult(
+        adapter, record["config"]["method"], [p["best_epoch"] for p in ph], [p["epochs_run"] for p in ph],
+        record["final"], record["seconds"], reused=reused,
+        initial_dev_loss=record.get("initial_dev_loss", []), history=record.get("history", []),
+        best_step=[p["best_step"] for p in ph], steps_run=[p["steps_run"] for p in ph],
+        capped=[p["capped"] for p in ph], lrs=[p["lr"] for p in ph],
+    )
 
 
-def _final_losses(run: _Run, last_phase: int) -> dict[str, float | None]:
-    best = _best_entry(run.history, last_phase)
-    return {"train_loss": best["train_loss"] if best else None,
-            "dev_loss": best["dev_loss"] if best else None}
+def _final_losses(run: _Run) -> dict[str, float | None]:
+    """The last phase's losses at its best step (its initial state when that was best)."""
+    last = len(run.phases) - 1
+    best_step = run.phases[-1]["best_step"]
+    entry = next((h for h in run.history if h["phase"] == last and h["step"] == best_step), None)
+    if entry is None:
+        return {"train_loss": None, "dev_loss": None}
+    return {"train_loss": entry["train_loss"], "dev_loss": entry["dev_loss"]}
 
 
-def _save_outputs(run: _Run, best_epochs: list[int], epochs_run: list[int],
-                  final: dict[str, float | None], seconds: float) -> None:
-    if not distributed.is_main():
-        return
-    run.model.save_pretrained(run.out)
+def _save_outputs(run: _Run, final: dict[str, float | None], seconds: float) -> dict[str, Any]:
     m = run.cache.manifest
+    n_phases = len(run.phases)
     record = {
         "config": asdict(run.config),
         "config_fingerprint": run.config.fingerprint(),
         "cache_key": run.cache.key,
         "cache": str(run.cache.path),
         "cache_manifest": {k: m.get(k) for k in ("task", "n", "k", "seed", "site", "layers", "dtype",
-                                                  "response", "max_new_tokens", "positions", "model")},
+                                                  "response", "max_new_tokens", "positions", "model",
+                                                  "n_train", "n_dev", "sft_labels")},
         "model_spec": run.config.model or m.get("about", {}).get("model_spec", "default"),
         "task_spec": m.get("about", {}).get("task_spec", m.get("task")),
-        "phases": list(SCHEDULES[run.config.method]),
+        "phases": run.phases,
         "history": run.history,
-        "initial_dev_loss": [run.initial.get(str(i)) for i in range(len(best_epochs))],
-        "best_epoch": best_epochs,
-        "epochs_run": epochs_run,
+        "initial_dev_loss": [run.initial.get(str(i)) for i in range(n_phases)],
+        "best_epoch": [p["best_epoch"] for p in run.phases],
+        "epochs_run": [p["epochs_run"] for p in run.phases],
+        "best_step": [p["best_step"] for p in run.phases],
+        "steps_run": [p["steps_run"] for p in run.phases],
+        "capped": [p["capped"] for p in run.phases],
+        "tna_scale": run.tna_scale,
         "final": final,
         "seconds": seconds,
         "data_wait_seconds": round(run.train.wait_seconds, 4),
         "skipped_damaged_rows": {"train": run.train.skipped_rows, "dev": run.dev.skipped_rows},
         "train_loop_seconds": round(run.loop_seconds, 4),
     }
+    if not distributed.is_main():
+        return record
+    # peft writes by name (it would follow a link planted in --out): save into a fresh folder of
+    # our own, then rename each file into place (a rename replaces a link, never follows it).
+    tmp = Path(tempfile.mkdtemp(prefix=".save-", dir=run.out))
+    run.model.save_pretrained(tmp)
+    move_into(tmp, run.out)
     write_json_atomic(run.out / "run.json", record, indent=1)
     shutil.rmtree(_ckpt_dir(run.out), ignore_errors=True)
+    return record

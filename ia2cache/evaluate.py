@@ -26,7 +26,7 @@ from ia2cache.answers import get_parser
 from ia2cache.errors import IA2Error
 from ia2cache.metrics import ece_equal_mass, ece_equal_width
 from ia2cache.padding import pad
-from ia2cache.prompts import PromptPair, build_eval_pairs, response_length
+from ia2cache.prompts import ICL_DEMOS, PromptPair, build_eval_pairs, check_seed, response_length
 from ia2cache.tasks import Task, is_single_token
 
 log = logging.getLogger(__name__)
@@ -39,13 +39,19 @@ class EvalConfig:
     """How to evaluate."""
 
     mode: Mode = "icl"
-    """base: the query alone; icl: k demos from the pool plus the query; adapter: query alone."""
+    """base: the query alone; icl: k demos plus the query (the teacher); adapter: query alone."""
     k: int = 4
-    """Demos per prompt in icl mode (ignored otherwise)."""
+    """Demos per prompt in icl mode (and for the teacher of ``agreement``)."""
+    n: int | None = None
+    """N: with icl_demos=train, ICL demos are drawn from the N training rows the data seed picks,
+    exactly the rows the teacher's demos come from (needed for icl mode and for agreement)."""
+    icl_demos: str = "train"
+    """Where ICL demos come from: train (the N training rows: ICL is the teacher IA2 distils) or
+    pool (the whole pool: more labelled data than N; an explicitly named alternative)."""
     n_eval: int | None = 200
     """Evaluate the first n_eval eval examples (all if None or more than exist)."""
     seed: int = 0
-    """Seed for drawing ICL demos."""
+    """Data seed: picks the N training rows and draws the ICL demos."""
     batch_size: int = 8
     """Rows per forward pass."""
     agreement: bool = False
@@ -63,6 +69,17 @@ class EvalConfig:
             raise IA2Error(f"--batch-size {self.batch_size}: must be at least 1")
         if self.mode == "icl" and self.k < 1:
             raise IA2Error(f"--k {self.k}: ICL needs at least one demo")
+        if self.icl_demos not in ICL_DEMOS:
+            raise IA2Error(f"--icl-demos {self.icl_demos}: choose train or pool")
+        check_seed(self.seed)
+        uses_icl = self.mode == "icl" or self.agreement
+        if uses_icl and self.icl_demos == "train":
+            if self.n is None:
+                raise IA2Error("--n: ICL demos come from the N training rows the seed picks; give --n "
+                               "(or --icl-demos pool to draw them from the whole pool)")
+            if not 1 <= self.k <= self.n:
+                raise IA2Error(f"--k {self.k}: ICL demos come from the N={self.n} training rows; "
+                               f"choose 1..{self.n}")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise IA2Error(f"--max-new-tokens {self.max_new_tokens}: must be at least 1")
 
@@ -172,7 +189,8 @@ def ood_task(train: Task, target: Task) -> Task:
 
 
 def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
-             device: torch.device | None = None, details: bool = False) -> dict[str, Any]:
+             device: torch.device | None = None, details: bool = False,
+             teacher_answers: list[Any] | None = None) -> dict[str, Any]:
     """Accuracy, ECE (equal-mass and equal-width, 15 bins) and NLL on the task's eval split.
 
     Args:
@@ -181,24 +199,39 @@ def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
         task: the task; only its eval split is scored, demos come from its pool.
         config: mode, k, n_eval, seed, batch size.
         device: where the model is; default where its parameters are.
-        details: also return per-row confidence and correctness (for reliability diagrams).
+        details: also return per-row confidence, correctness and answers (for reliability
+            diagrams, and as ``teacher_answers`` of later calls).
+        teacher_answers: with ``agreement``, the ICL teacher's per-row answers from an earlier
+            ``evaluate(..., mode="icl", details=True)`` with the same k, N, seed and n_eval
+            (``result["rows"]["answer"]``): the teacher is then not scored again.
     """
     t0 = time.perf_counter()
     device = device or next(model.parameters()).device
     k = config.k if config.mode == "icl" else 0
-    pairs = build_eval_pairs(task, tokenizer, k=k, seed=config.seed, n_eval=config.n_eval)
+    icl = dict(n=config.n, demos=config.icl_demos)
+    pairs = build_eval_pairs(task, tokenizer, k=k, seed=config.seed, n_eval=config.n_eval, **icl)
     single = is_single_token(task, tokenizer)
     # One number of new tokens for the context check and for generation.
     max_new = effective_max_new(task, pairs, config.max_new_tokens) if _generates(task, single) else 1
     _check_context(model, pairs, config.mode, max_new)
     icl_pairs: list[PromptPair] = []
-    if config.agreement and config.mode != "icl":
-        icl_pairs = build_eval_pairs(task, tokenizer, k=config.k, seed=config.seed, n_eval=config.n_eval)
+    if config.agreement and config.mode != "icl" and teacher_answers is None:
+        icl_pairs = build_eval_pairs(task, tokenizer, k=config.k, seed=config.seed, n_eval=config.n_eval,
+                                     **icl)
         _check_context(model, icl_pairs, "icl", max_new)
     was_training = model.training
     model.eval()
     res = _score(model, tokenizer, task, pairs, config.mode, config.batch_size, device, single, max_new)
+    bad = int((~np.isfinite(res["confidence"])).sum() + (~np.isfinite(res["nll"])).sum())
+    if bad:
+        raise IA2Error(f"{config.mode} model: non-finite scores on {bad} eval rows (its weights hold NaN or "
+                       "Inf, e.g. a diverged adapter); nothing was scored")
     agreement = None
+    if config.agreement and teacher_answers is not None:
+        if len(teacher_answers) != len(pairs):
+            raise IA2Error(f"teacher_answers: {len(teacher_answers)} rows for {len(pairs)} eval rows")
+        key = "pred" if "pred" in res else "answers"
+        agreement = agreement_rate(res, {key: np.array(teacher_answers, dtype=object)})
     if icl_pairs:
         # The teacher is the base model: switch a peft adapter off while it answers.
         ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
@@ -214,6 +247,8 @@ def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
         "parser": task.card.get("parser"),
         "mode": config.mode,
         "k": k,
+        "n": config.n,
+        "icl_demos": config.icl_demos if (config.mode == "icl" or config.agreement) else None,
         "n_eval": len(pairs),
         "single_token": single,
         "accuracy": float(corr.mean()),
@@ -227,8 +262,10 @@ def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     if details:
+        answers = res["pred"] if "pred" in res else res["answers"]
         out["rows"] = {"confidence": conf.tolist(), "correct": corr.astype(int).tolist(),
-                       "example_id": [p.example_id for p in pairs]}
+                       "example_id": [p.example_id for p in pairs],
+                       "answer": [a.item() if hasattr(a, "item") else a for a in answers.tolist()]}
     return out
 
 

@@ -10,6 +10,10 @@ numcodecs. The result is the same array zarr returns (tested on every dtype and 
 
 Anything else (another codec, a remote store, a missing index) makes ``open_reader`` return
 None, and callers keep using zarr. The store stays a plain zarr store either way.
+
+Files are opened through :func:`ia2cache._io.open_beneath`: no symlink is followed below the
+cache folder and a FIFO, device or folder in place of a shard file is refused at once (an
+IA2Error naming it) instead of blocking the read or failing with a traceback.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import google_crc32c
 import numpy as np
 from numcodecs import blosc
 
+from ia2cache._io import open_beneath, read_beneath
 from ia2cache.errors import IA2Error
 
 _EMPTY = 2**64 - 1
@@ -51,8 +56,11 @@ def _supported(meta: dict[str, Any]) -> dict[str, Any] | None:
 class ShardedArrayReader:
     """Reads rows [a, b) of one local sharded array without zarr-python."""
 
-    def __init__(self, path: Path, meta: dict[str, Any], cfg: dict[str, Any]) -> None:
+    def __init__(self, path: Path, meta: dict[str, Any], cfg: dict[str, Any],
+                 root: Path | None = None) -> None:
         self.path = path
+        self.root = path if root is None else root
+        """No link is followed below this folder (the cache's), nor is it one itself."""
         self.shape = tuple(meta["shape"])
         self.dtype = np.dtype(meta["data_type"]).newbyteorder("<")
         self.fill = meta.get("fill_value", 0)
@@ -100,7 +108,7 @@ class ShardedArrayReader:
             first, last = (lo - s0) // rc, (hi - 1 - s0) // rc
             path = self._shard_file(shard)
             try:
-                fd = os.open(path, os.O_RDONLY)
+                fd = open_beneath(self.root, path, os.O_RDONLY, follow_root=False)
             except FileNotFoundError:
                 out[lo - a : hi - a] = self.fill
                 continue
@@ -133,17 +141,24 @@ class ShardedArrayReader:
         return out
 
 
-def open_reader(array_dir: str | Path) -> ShardedArrayReader | None:
-    """A direct reader for a local array in ia2cache's layout, or None (then use zarr)."""
+def open_reader(array_dir: str | Path, root: str | Path | None = None) -> ShardedArrayReader | None:
+    """A direct reader for a local array in ia2cache's layout, or None (then use zarr).
+
+    ``root``: the cache folder, below which no link is followed (default: ``array_dir``).
+    """
     path = Path(array_dir)
+    top = path if root is None else Path(root)
     try:
-        meta = json.loads((path / "zarr.json").read_text())
-    except (OSError, ValueError):
-        return None
-    cfg = _supported(meta)
+        meta = json.loads(read_beneath(top, path / "zarr.json", 1 << 20, follow_root=False))
+    except (OSError, ValueError, IA2Error):
+        return None  # zarr reads it then, and names what is wrong
+    try:
+        cfg = _supported(meta) if isinstance(meta, dict) else None
+    except (AttributeError, TypeError, KeyError, IndexError):
+        cfg = None  # not the layout ia2cache writes: zarr reads it, or says what is wrong
     if cfg is None:
         return None
     try:
-        return ShardedArrayReader(path, meta, cfg)
+        return ShardedArrayReader(path, meta, cfg, top)
     except (KeyError, ValueError, TypeError):
         return None

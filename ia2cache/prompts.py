@@ -24,8 +24,13 @@ from ia2cache.tasks import Example, Task
 
 K_MAX = 8
 """``--k auto`` means ``min(N - 1, K_MAX)``."""
-DEV_MAX = 48
-"""The dev split is the next ``min(N // 2, DEV_MAX)`` pool examples after the N train ones."""
+DEFAULT_DEV = 16
+"""Dev rows D by default: enough that one or two rows do not choose the lr and the stopping step
+(at N=4 the old N//2 gave two); see README "Results" for how the conclusion moves with D."""
+SEED_LIMIT = 2**32
+"""Seeds are in [0, 2**32): numpy's SeedSequence and torch.manual_seed both take them."""
+ICL_DEMOS = ("train", "pool")
+"""Where ICL evaluation draws demos: the N training rows (the teacher, the default) or the pool."""
 
 Split = Literal["train", "dev", "eval"]
 PositionsMode = Literal["response", "query+response"]
@@ -45,12 +50,21 @@ class PromptConfig:
     """Demonstrations per teacher prompt; None means auto: min(N - 1, 8)."""
     seed: int = 0
     """Data seed: picks the N examples and every row's demos."""
+    dev: int = DEFAULT_DEV
+    """Dev rows D: further pool examples (disjoint from train and eval) that choose the learning
+    rate and the stopping step; extra labelled data, reported as "N train + D dev"."""
 
     def __post_init__(self) -> None:
-        if self.n < 1:
-            raise IA2Error(f"--n {self.n}: must be at least 1")
-        if self.k is not None and self.k < 0:
-            raise IA2Error(f"--k {self.k}: must be 0 or more")
+        if self.n < 2:
+            raise IA2Error(
+                f"--n {self.n}: must be at least 2 (each training row's demos come from the other "
+                "training rows; with N=1 the teacher would have no demos and equal the student)"
+            )
+        if self.k is not None and self.k < 1:
+            raise IA2Error(f"--k {self.k}: must be at least 1 (with 0 demos the teacher is the student)")
+        check_seed(self.seed)
+        if not 1 <= self.dev <= 100_000:
+            raise IA2Error(f"--dev {self.dev}: must be between 1 and 100000 rows")
         if self.k is not None and self.k > max(self.n - 1, 0):
             raise IA2Error(
                 f"--k {self.k}: at most N-1 = {self.n - 1} demos exist for each of the "
@@ -61,9 +75,12 @@ class PromptConfig:
     def k_effective(self) -> int:
         return min(self.n - 1, K_MAX) if self.k is None else self.k
 
-    @property
-    def n_dev(self) -> int:
-        return min(self.n // 2, DEV_MAX)
+
+def check_seed(seed: int, flag: str = "--seed") -> int:
+    """``seed`` if it is an int in [0, 2**32); IA2Error naming ``flag`` otherwise."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise IA2Error(f"{flag} {seed}: must be an integer in [0, 2**32)")
+    return seed
 
 
 @dataclass(frozen=True)
@@ -86,6 +103,13 @@ class PromptPair:
     """Tokens (a BOS) that start both sequences."""
     target: str = ""
     """The gold target text (no leading space)."""
+    stop_ids: tuple[int, ...] = ()
+    """The task's stop string tokenized on its own (EOS when it has none): what ends a response."""
+
+    def label_ids(self, t: int) -> tuple[int, ...]:
+        """Gold SFT labels for responses of up to ``t`` tokens: the target, then, when ``t > 1``,
+        the stop ids, as the teacher's own responses end; so SFT learns to stop."""
+        return self.target_ids + self.stop_ids if t > 1 else self.target_ids
 
     @property
     def query_len(self) -> int:
@@ -144,6 +168,8 @@ class _Encoder:
         bos = tokenizer.bos_token_id
         probe = tokenizer("a").input_ids
         self.prefix: tuple[int, ...] = (bos,) if bos is not None and probe[:1] == [bos] else ()
+        eos = tokenizer.eos_token_id
+        self.eos: tuple[int, ...] = (eos,) if eos is not None else ()
         self._memo: dict[str, tuple[int, ...]] = {}
 
     def __call__(self, text: str) -> tuple[int, ...]:
@@ -190,6 +216,7 @@ def make_pair(
         teacher_ids=enc.prefix + demo_ids + query_ids,
         student_ids=enc.prefix + query_ids,
         target_ids=enc(" " + query.target),
+        stop_ids=enc(task.stop) if task.stop else enc.eos,
         query_start=len(enc.prefix) + len(demo_ids),
         prefix_len=len(enc.prefix),
         target=query.target,
@@ -199,9 +226,9 @@ def make_pair(
 def build_pairs(task: Task, tokenizer: Any, config: PromptConfig) -> PairSet:
     """Train and dev rows for one few-shot run.
 
-    The seed picks N train examples from the pool, then the next ``min(N//2, 48)`` as dev.
-    Each train row's k demos come from the *other* train examples; each dev row's from the
-    train examples.
+    The seed picks N train examples from the pool, then the next D (``config.dev``, at most what
+    the pool has left) as dev. Each train row's k demos come from the *other* train examples;
+    each dev row's from the train examples.
 
     Args:
         task: the task (``ia2cache.tasks.load_task``).
@@ -210,14 +237,12 @@ def build_pairs(task: Task, tokenizer: Any, config: PromptConfig) -> PairSet:
     """
     n, k, seed = config.n, config.k_effective, config.seed
     pool = task.pool
-    if n > len(pool):
-        raise IA2Error(
-            f"--n {n}: task {task.name!r} has only {len(pool)} pool examples to train from"
-        )
-    n_dev = min(config.n_dev, len(pool) - n)
+    train_idx = train_indices(task, n, seed)
+    n_dev = min(config.dev, len(pool) - n)
+    if n_dev < 1:
+        raise IA2Error(f"--n {n}: task {task.name!r} has {len(pool)} pool examples, none left for dev rows")
     enc = _Encoder(tokenizer)
-    order = _rng(seed, _STREAM_SELECT, 0).permutation(len(pool))
-    train_idx, dev_idx = order[:n], order[n : n + n_dev]
+    dev_idx = _rng(seed, _STREAM_SELECT, 0).permutation(len(pool))[n : n + n_dev]
     rows: list[PromptPair] = []
     for i, ex_i in enumerate(train_idx):
         others = np.delete(train_idx, i)
@@ -233,24 +258,51 @@ def build_pairs(task: Task, tokenizer: Any, config: PromptConfig) -> PairSet:
     )
 
 
+def train_indices(task: Task, n: int, seed: int) -> np.ndarray:
+    """Pool indices of the N training examples that data seed ``seed`` picks (train rows 0..N-1)."""
+    if n > len(task.pool):
+        raise IA2Error(f"--n {n}: task {task.name!r} has only {len(task.pool)} pool examples to train from")
+    return _rng(seed, _STREAM_SELECT, 0).permutation(len(task.pool))[:n]
+
+
 def build_eval_pairs(
-    task: Task, tokenizer: Any, k: int, seed: int = 0, n_eval: int | None = None
+    task: Task, tokenizer: Any, k: int, seed: int = 0, n_eval: int | None = None,
+    n: int | None = None, demos: str = "train",
 ) -> list[PromptPair]:
-    """Rows for the eval split: each query gets k demos drawn (seeded) from the whole pool."""
-    if k > len(task.pool):
-        raise IA2Error(f"--k {k}: task {task.name!r} has only {len(task.pool)} pool examples")
+    """Rows for the eval split, each query with k demos drawn with the data seed.
+
+    Args:
+        demos: ``train``: from the N training examples that ``seed`` picks, as the teacher's
+            dev rows see them (the ICL baseline is then the teacher that IA2 distils);
+            ``pool``: from the whole pool (more labelled data than N; never the default).
+        n: N, needed with ``demos="train"``.
+    """
+    if demos not in ICL_DEMOS:
+        raise IA2Error(f"--icl-demos {demos}: choose train or pool")
     if n_eval is not None and n_eval < 1:
         raise IA2Error(f"--n-eval {n_eval}: must be at least 1")
+    if k == 0:  # no demos (base model, adapters): nothing to draw
+        source: list[Example] = []
+    elif demos == "train":
+        if n is None:
+            raise IA2Error("--n: ICL demos come from the N training rows; give N (or --icl-demos pool)")
+        source = [task.pool[i] for i in train_indices(task, n, seed)]
+        if k > n:
+            raise IA2Error(f"--k {k}: ICL demos come from the N={n} training rows; at most {n}")
+    else:
+        source = list(task.pool)
+        if k > len(source):
+            raise IA2Error(f"--k {k}: task {task.name!r} has only {len(source)} pool examples")
     queries = task.eval[:n_eval] if n_eval is not None else task.eval
     enc = _Encoder(tokenizer)
     out = []
     for i, q in enumerate(queries):
-        pick = _rng(seed, _STREAM_EVAL, i).choice(len(task.pool), size=k, replace=False)
-        out.append(make_pair(task, enc, i, "eval", q, [task.pool[m] for m in pick]))
+        pick = _rng(seed, _STREAM_EVAL, i).choice(len(source), size=k, replace=False) if k else []
+        out.append(make_pair(task, enc, i, "eval", q, [source[m] for m in pick]))
     return out
 
 
 __all__ = [
-    "PromptConfig", "PromptPair", "PairSet", "build_pairs", "build_eval_pairs", "K_MAX",
-    "POSITION_MODES",
+    "PromptConfig", "PromptPair", "PairSet", "build_pairs", "build_eval_pairs", "train_indices",
+    "check_seed", "K_MAX", "DEFAULT_DEV", "ICL_DEMOS", "POSITION_MODES",
 ]

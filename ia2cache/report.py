@@ -1,11 +1,14 @@
-"""Report: the paper-shaped comparison table and plots from a sweep directory.
+"""Report: paired statistics, the paper-shaped tables and plots from a sweep directory.
 
-Rows are N, columns ICL / base / SFT / IA2 / IA2->SFT / IA2+SFT (and any other method swept),
-cells mean +- std over data seeds of accuracy and ECE (equal-mass bins, the paper's; the
-equal-width table follows). Plots (PNG, matplotlib): accuracy vs N and ECE vs N per method,
-and one reliability diagram per method pooling every seed and N. When ``<DIR>/analysis/`` holds
-``ia2cache analyze`` outputs, the report adds their tables and plots and a scatter of activation
-similarity vs accuracy and ECE (see ``ia2cache.analyze.report_section``).
+First the paired comparisons per (task, N): the mean over data seeds of (a2t - tok) with a 95%
+bootstrap CI and win/tie/loss counts, for accuracy and for ECE, and the same for act vs ICL (the
+teacher it distils). Then how fair the training was: the share of phases the step cap ended
+and of chosen learning rates at an edge of the grid. Then per-metric tables (rows N, columns
+ICL / base / SFT / IA2 / IA2->SFT / IA2+SFT / ..., cells mean +- std over seeds, ddof=1) and
+plots: accuracy and ECE vs N (error bars: std, ddof=1), one reliability diagram per method, and
+dev-loss curves of one cell per method. Every table header says how much labelled data a cell
+used ("N train + D dev") and where the ICL column's demos come from. When ``<DIR>/analysis/``
+holds ``ia2cache analyze`` outputs, their tables and plots follow.
 
 Launch: ``ia2cache report DIR``.
 """
@@ -13,26 +16,63 @@ Launch: ``ia2cache report DIR``.
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ia2cache._io import write_json_atomic
 from ia2cache.errors import IA2Error
-from ia2cache.sweep import read_results
+from ia2cache.outputs import claim_output_dir, save_figure, write_bytes_atomic
+from ia2cache.sweep import FIRST_PHASE, read_results
 
 COLUMNS: dict[str, str] = {
     "icl": "ICL", "base": "base", "tok": "SFT", "act": "IA2", "a2t": "IA2→SFT", "tna": "IA2+SFT",
-    "tokl": "KL", "t2a": "SFT→IA2",
+    "tok_icl": "SFT (ICL labels)", "tokl": "KL", "t2a": "SFT→IA2",
 }
+PAIRS: tuple[tuple[str, str], ...] = (("a2t", "tok"), ("act", "icl"), ("a2t", "icl"), ("tna", "tok"))
+"""(method, baseline) pairs compared seed by seed; the first is the paper's headline."""
+BOOTSTRAP = 10_000
+"""Bootstrap resamples for the paired CIs (seeded: the report is reproducible)."""
+METRICS = {"accuracy": "accuracy", "ece_equal_mass": "ECE, 15 equal-mass bins",
+           "ece_equal_width": "ECE, 15 equal-width bins"}
+LOWER_IS_BETTER = {"ece_equal_mass", "ece_equal_width"}
+
+
+def _std(a: Sequence[float]) -> float:
+    """Sample standard deviation (ddof=1), the one used in tables and plots; 0 for one value."""
+    return float(np.std(np.asarray(a, dtype=float), ddof=1)) if len(a) > 1 else 0.0
 
 
 def _fmt(values: list[float]) -> str:
     if not values:
         return "–"
-    a = np.asarray(values, dtype=float)
-    return f"{a.mean():.3f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.3f}"
+    return f"{np.mean(values):.3f} ± {_std(values):.3f}"
+
+
+def bootstrap_ci(diffs: Sequence[float], n_boot: int = BOOTSTRAP, seed: int = 0,
+                 level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of ``diffs`` and its percentile bootstrap CI: resample the values with replacement
+    ``n_boot`` times (numpy PCG64, ``seed``), take each resample's mean, and return the
+    ``(1-level)/2`` and ``(1+level)/2`` quantiles of those means (numpy's linear interpolation)."""
+    d = np.asarray(diffs, dtype=float)
+    if d.size == 0:
+        return math.nan, math.nan, math.nan
+    rng = np.random.Generator(np.random.PCG64(seed))
+    means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(d.mean()), float(lo), float(hi)
+
+
+def win_tie_loss(diffs: Sequence[float], lower_is_better: bool = False,
+                 tol: float = 1e-12) -> tuple[int, int, int]:
+    """Seeds where the method beats, ties or loses to the baseline (a difference within ``tol``
+    is a tie; for ECE lower is better)."""
+    d = np.asarray(diffs, dtype=float) * (-1 if lower_is_better else 1)
+    return int((d > tol).sum()), int((np.abs(d) <= tol).sum()), int((d < -tol).sum())
 
 
 def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, dict[str, list[float]]]]]:
@@ -53,15 +93,130 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, dict[
     return out
 
 
+def paired(rows: list[dict[str, Any]], method: str, baseline: str, metric: str,
+           task: str, n: int) -> dict[str, Any] | None:
+    """(method - baseline) per seed for one task and N: the seeds, the mean, the 95% bootstrap CI
+    and win/tie/loss; None when no seed has both."""
+    by = {(r["method"], r["seed"]): r.get(metric) for r in rows if r["task"] == task and r["n"] == n}
+    seeds = sorted(s for (m, s), v in by.items() if m == method and v is not None
+                   and by.get((baseline, s)) is not None)
+    if not seeds:
+        return None
+    diffs = [by[(method, s)] - by[(baseline, s)] for s in seeds]
+    mean, lo, hi = bootstrap_ci(diffs)
+    w, t, lose = win_tie_loss(diffs, metric in LOWER_IS_BETTER)
+    return {"task": task, "n": n, "method": method, "baseline": baseline, "metric": metric, "seeds": seeds,
+            "diffs": diffs, "mean": mean, "ci95": [lo, hi], "win": w, "tie": t, "loss": lose}
+
+
+def _data_note(rows: list[dict[str, Any]], task: str) -> str:
+    """"N train + D dev" and where the ICL demos come from, as the rows say."""
+    mine = [r for r in rows if r["task"] == task and r["method"] != "base"]
+    devs = sorted({r.get("n_dev", r.get("dev")) for r in mine if r.get("n_dev", r.get("dev")) is not None})
+    demos = sorted({r["icl_demos"] for r in mine if r["method"] == "icl" and r.get("icl_demos")})
+    dev = f" + {'/'.join(map(str, devs))} dev" if devs else ""
+    where = {"train": "k demos from the N train rows (the teacher)", "pool": "k demos from the whole pool"}
+    icl = "; ".join(where.get(d, d) for d in demos) or "not run"
+    return f"N train{dev} labelled rows per cell; ICL = {icl}"
+
+
+def paired_markdown(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
+    lines: list[str] = []
+    stats: list[dict[str, Any]] = []
+    for task in sorted({r["task"] for r in rows}):
+        ns = sorted({r["n"] for r in rows if r["task"] == task and r["method"] != "base"})
+        for method, base in PAIRS:
+            per_n = [(n, {m: paired(rows, method, base, m, task, n) for m in ("accuracy", "ece_equal_mass")})
+                     for n in ns]
+            if not any(v for _, d in per_n for v in d.values()):
+                continue
+            lines.append(f"**{task}: {COLUMNS.get(method, method)} − {COLUMNS.get(base, base)}, paired over "
+                         f"seeds** ({_data_note(rows, task)}; 95% bootstrap CI, {BOOTSTRAP} resamples; "
+                         "W/T/L: seeds where the first is better / equal / worse; ECE lower is better)\n")
+            lines.append("| N | seeds | Δ accuracy [95% CI] | W/T/L | Δ ECE equal-mass [95% CI] | W/T/L |")
+            lines.append("|---|---|---|---|---|---|")
+            for n, d in per_n:
+                acc, ece = d["accuracy"], d["ece_equal_mass"]
+                if acc is None and ece is None:
+                    continue
+                stats += [x for x in (acc, ece) if x is not None]
+                seeds = len((acc or ece or {}).get("seeds", []))
+                lines.append(f"| {n} | {seeds} | {_ci(acc)} | {_wtl(acc)} | {_ci(ece)} | {_wtl(ece)} |")
+            lines.append("")
+    return "\n".join(lines), stats
+
+
+def _ci(p: dict[str, Any] | None) -> str:
+    if p is None:
+        return "–"
+    lo, hi = p["ci95"]
+    sign = "" if (lo <= 0 <= hi) else " *"
+    return f"{p['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]{sign}"
+
+
+def _wtl(p: dict[str, Any] | None) -> str:
+    return "–" if p is None else f"{p['win']}/{p['tie']}/{p['loss']}"
+
+
+def fairness(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How often the step cap ended a phase, and how often a chosen lr sits at a grid edge.
+
+    Over the chosen runs (the phases behind the reported rows), per method; and over every run
+    trained (each lr tried for each phase, as the rows record them)."""
+    chosen: dict[str, list[bool]] = defaultdict(list)
+    edge: dict[str, list[bool]] = defaultdict(list)
+    for r in rows:
+        for c in r.get("capped") or []:
+            chosen[r["method"]].append(bool(c))
+        for e in r.get("lr_edge") or []:
+            edge[r["method"]].append(bool(e))
+    everything: dict[str, list[bool]] = defaultdict(list)
+    seen: set[tuple[Any, ...]] = set()
+    for r in rows:  # every lr each phase trained; a2t's phase 1 is its act cell's, counted once
+        phases = r.get("runs") or []
+        for i, phase_runs in enumerate(phases):
+            who = FIRST_PHASE.get(r["method"], r["method"]) if i == 0 and len(phases) > 1 else r["method"]
+            for run in phase_runs:
+                key = (r["task"], r["n"], r["seed"], who, run["lr"])
+                if key not in seen:
+                    seen.add(key)
+                    everything[who].append(bool(run["capped"]))
+
+    def frac(d: dict[str, list[bool]]) -> dict[str, Any]:
+        allv = [x for v in d.values() for x in v]
+        return {"overall": [sum(allv), len(allv)], **{k: [sum(v), len(v)] for k, v in sorted(d.items())}}
+
+    return {"capped_chosen": frac(chosen), "lr_edge_chosen": frac(edge), "capped_all_runs": frac(everything)}
+
+
+def _fairness_md(f: dict[str, Any]) -> str:
+    def pct(x: list[int]) -> str:
+        return f"{x[0]}/{x[1]} ({100 * x[0] / x[1]:.0f}%)" if x[1] else "–"
+
+    lines = ["**How the budgets and the grid bound** (capped: the step cap, not early stopping, ended the "
+             "phase; edge: the chosen lr is the smallest or largest of the grid)\n",
+             "| | overall | " + " | ".join(k for k in f["capped_chosen"] if k != "overall") + " |",
+             "|---|---|" + "---|" * (len(f["capped_chosen"]) - 1)]
+    for key, title in (("capped_chosen", "capped, chosen runs"), ("lr_edge_chosen", "lr at a grid edge")):
+        keys = [k for k in f["capped_chosen"] if k != "overall"]
+        lines.append(f"| {title} | {pct(f[key]['overall'])} | "
+                     + " | ".join(pct(f[key].get(k, [0, 0])) for k in keys) + " |")
+    every = f["capped_all_runs"]
+    if every["overall"][1]:
+        per = ", ".join(f"{k} {pct(v)}" for k, v in every.items() if k != "overall")
+        lines.append(f"\nEvery run trained (each lr of each grid): {pct(every['overall'])} capped ({per}).")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
+    """Per-metric tables: rows N, columns the methods, cells mean ± std (ddof=1) over seeds."""
     summary = summarize(rows)
     methods = [m for m in COLUMNS if any(r["method"] == m for r in rows)]
     lines: list[str] = []
     for task, by_n in sorted(summary.items()):
         seeds = sorted({r["seed"] for r in rows if r["task"] == task and r["method"] not in ("base",)})
-        for metric, title in (("accuracy", "accuracy"), ("ece_equal_mass", "ECE, 15 equal-mass bins"),
-                              ("ece_equal_width", "ECE, 15 equal-width bins")):
-            lines.append(f"**{task}: {title}** (mean ± std over seeds {seeds})\n")
+        for metric, title in METRICS.items():
+            lines.append(f"**{task}: {title}** (mean ± std over seeds {seeds}; {_data_note(rows, task)})\n")
             lines.append("| N | " + " | ".join(COLUMNS[m] for m in methods) + " |")
             lines.append("|---|" + "---|" * len(methods))
             for n in sorted(by_n):
@@ -88,7 +243,7 @@ def plots(rows: list[dict[str, Any]], folder: Path, preds: Path | None = None) -
                 if not any(vals):
                     continue
                 mean = [np.mean(v) if v else np.nan for v in vals]
-                std = [np.std(v) if v else np.nan for v in vals]
+                std = [_std(v) if v else np.nan for v in vals]
                 ax.errorbar(ns, mean, yerr=std, marker="o", capsize=3, label=COLUMNS[m])
             ax.set_xscale("log", base=2)
             ax.set_xticks(ns, [str(n) for n in ns])
@@ -96,10 +251,10 @@ def plots(rows: list[dict[str, Any]], folder: Path, preds: Path | None = None) -
             ax.set_ylabel("accuracy" if metric == "accuracy" else "ECE (15 equal-mass bins)")
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
-        fig.suptitle(f"{task}: accuracy and calibration vs N (mean ± std over seeds)")
+        fig.suptitle(f"{task}: accuracy and calibration vs N (mean ± std over seeds, ddof=1)")
         fig.tight_layout()
         path = folder / f"{task}_vs_n.png"
-        fig.savefig(path, dpi=110)
+        save_figure(fig, path, dpi=110)
         plt.close(fig)
         written.append(path)
     if preds is not None and preds.is_dir():
@@ -107,19 +262,65 @@ def plots(rows: list[dict[str, Any]], folder: Path, preds: Path | None = None) -
             path = _reliability(preds, task, folder, plt)
             if path is not None:
                 written.append(path)
+    for task in sorted(summary):
+        path = _dev_curves(rows, task, folder, plt)
+        if path is not None:
+            written.append(path)
     return written
+
+
+def _dev_curves(rows: list[dict[str, Any]], task: str, folder: Path, plt: Any) -> Path | None:
+    """Dev loss against optimizer steps for one cell per method (the smallest N and seed that
+    has it), from the chosen run's run.json: where each phase stopped and why."""
+    picks: dict[str, dict[str, Any]] = {}
+    mine = [r for r in rows if r["task"] == task and r.get("adapter")]
+    for r in sorted(mine, key=lambda r: (r["n"], r["seed"])):
+        picks.setdefault(r["method"], r)
+    curves = []
+    for method, r in picks.items():
+        try:
+            rec = json.loads((folder / r["adapter"] / "run.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        curves.append((method, r, rec))
+    if not curves:
+        return None
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.4 * len(curves), 3.2), squeeze=False)
+    for ax, (method, r, rec) in zip(axes[0], curves, strict=True):
+        offset = 0
+        for i, phase in enumerate(rec.get("phases") or []):
+            h = [x for x in rec["history"] if x["phase"] == i and x.get("dev_loss") is not None]
+            if not h:
+                continue
+            ax.plot([offset + x["step"] for x in h], [x["dev_loss"] for x in h], marker=".",
+                    label=f"{phase['objective']} lr {phase['lr']:g}")
+            ax.axvline(offset + phase["best_step"], ls=":", color="grey")
+            offset += phase["steps_run"]
+        ax.set_title(f"{COLUMNS.get(method, method)} N={r['n']} s{r['seed']}", fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("dev loss (log)")
+    fig.suptitle(f"{task}: dev loss of the chosen runs (dotted: the step kept)")
+    fig.tight_layout()
+    path = folder / f"{task}_dev_curves.png"
+    save_figure(fig, path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def _reliability(preds: Path, task: str, folder: Path, plt: Any, n_bins: int = 15) -> Path | None:
     pooled: dict[str, tuple[list[float], list[int]]] = defaultdict(lambda: ([], []))
     for f in sorted(preds.glob(f"{task}__*.json")):
+        if f.is_symlink() or not f.is_file():
+            continue
         method = f.stem.split("__")[1]
         d = json.loads(f.read_text())
         pooled[method][0].extend(d["confidence"])
         pooled[method][1].extend(d["correct"])
-    if not pooled:
-        return None
     methods = [m for m in COLUMNS if m in pooled]
+    if not methods:
+        return None
     fig, axes = plt.subplots(1, len(methods), figsize=(3 * len(methods), 3.2), squeeze=False)
     for ax, m in zip(axes[0], methods, strict=True):
         conf, corr = np.asarray(pooled[m][0]), np.asarray(pooled[m][1])
@@ -140,9 +341,27 @@ def _reliability(preds: Path, task: str, folder: Path, plt: Any, n_bins: int = 1
     fig.suptitle(f"{task}: reliability (15 equal-width bins, all seeds and N pooled)")
     fig.tight_layout()
     path = folder / f"{task}_reliability.png"
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _model_banner(rows: list[dict[str, Any]], folder: Path) -> str:
+    """Which model(s) the cells ran on (rows, and each sweep-<task>.json's settings); a
+    random-weight model is said plainly."""
+    found = [r["model"] for r in rows if isinstance(r.get("model"), dict)]
+    for f in sorted(folder.glob("sweep-*.json")):
+        try:
+            found.append(json.loads(f.read_text(encoding="utf-8"))["settings"]["model"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    models = {json.dumps(m, sort_keys=True): m for m in found if isinstance(m, dict)}
+    if not models:
+        return ""
+    lines = [f"Model: {m.get('name')} (fingerprint {m.get('fingerprint')})" for m in models.values()]
+    if any(m.get("random") for m in models.values()):
+        lines.append("**Random-weight model: these figures test the pipeline only, not the method.**")
+    return "\n\n".join(lines) + "\n\n"
 
 
 def _labelled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -152,20 +371,39 @@ def _labelled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def report(folder: str | Path) -> dict[str, Any]:
-    """Write ``report.md`` and PNG plots into the sweep directory; return their paths."""
+    """Write ``report.md``, ``report.json`` (the paired statistics and the fairness fractions) and
+    PNG plots into the sweep directory; return their paths and the markdown.
+
+    Raises:
+        IA2Error: no finished cells, a results line of the wrong shape (naming it), or a folder
+            that ``ia2cache sweep`` did not make.
+    """
     out = Path(folder).expanduser()
     rows = read_results(out)
     if not rows:
-        raise IA2Error(f"{out}: no results.jsonl with finished cells (run `ia2cache sweep` first)")
+        raise IA2Error(f"{out}: no results*.jsonl with finished cells (run `ia2cache sweep` first)")
+    claim_output_dir(out, "report", kind="report", accept=("sweep",))
     from ia2cache.analyze import report_section
 
-    md = markdown(_labelled(rows))
+    shown = _labelled(rows)
+    paired_md, stats = paired_markdown(shown)
+    fair = fairness(rows)
+    failed = read_results(out, failed=True)
+    md = _model_banner(rows, out) + "## Paired comparisons\n\n" + paired_md + "\n" + _fairness_md(fair)
+    md += "\n## Per-method tables\n\n"
+    md += markdown(shown)
+    if failed:
+        md += f"\n**{len(failed)} failed cell(s)** (a rerun of the sweep retries them):\n\n"
+        md += "".join(f"- {r['task']} N={r['n']} seed={r['seed']} {r['method']}: {r.get('error')}\n"
+                      for r in failed)
     # <out>/analysis/ (ia2cache analyze ... --out <out>/analysis): similarity tables, plots, scatter.
     # The rows as read (not relabelled train->eval): the scatter keeps in-distribution rows only.
     analysis_md, analysis_pngs = report_section(out, rows)
     if analysis_md:
         md = md + "\n" + analysis_md
-    (out / "report.md").write_text(md + "\n")
-    pngs = plots(_labelled(rows), out, out / "preds") + analysis_pngs
-    return {"report": str(out / "report.md"), "plots": [str(p) for p in pngs], "cells": len(rows),
-            "markdown": md}
+    write_bytes_atomic(out / "report.md", (md + "\n").encode())
+    write_json_atomic(out / "report.json", {"paired": stats, "fairness": fair, "failed": len(failed),
+                                            "cells": len(rows)}, indent=1)
+    pngs = plots(shown, out, out / "preds") + analysis_pngs
+    return {"report": str(out / "report.md"), "json": str(out / "report.json"),
+            "plots": [str(p) for p in pngs], "cells": len(rows), "markdown": md, "fairness": fair}

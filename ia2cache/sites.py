@@ -66,16 +66,16 @@ def parse_layers(spec: str, n_layers: int) -> list[int]:
     try:
         for part in spec.split(","):
             part = part.strip()
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                if lo > hi:
-                    raise ValueError(part)
-                out.update(range(lo, hi + 1))
-            else:
-                out.add(int(part))
+            lo, hi = (int(x) for x in part.split("-", 1)) if "-" in part[1:] else (int(part), int(part))
+            if lo > hi:
+                raise ValueError(part)
+            # Checked before the range is built: 0-99999999999 costs nothing.
+            for i in (lo, hi):
+                if not 0 <= i < n_layers:
+                    raise IA2Error(f"--layers {spec}: layer {i} does not exist (the model has {n_layers})")
+            out.update(range(lo, hi + 1))
     except ValueError:
         raise IA2Error(f"--layers {spec}: expected 'all' or indices like 0-5,7") from None
-    bad = sorted(i for i in out if not 0 <= i < n_layers)
-    if bad:
-        raise IA2Error(f"--layers {spec}: layer {bad[0]} does not exist (the model has {n_layers})")
+    if not out:
+        raise IA2Error(f"--layers {spec}: names no layer")
     return sorted(out)

@@ -49,3 +49,13 @@ def mixed_length_env(tmp_path_factory: pytest.TempPathFactory, model_dir: Path, 
     write_task(d / "task.jsonl", ((" ".join(WORDS[: 1 + (i * 5) % 9]) + f" {i}", WORDS[(i * 3) % 5])
                                   for i in range(90)))
     return {"dir": d, "model": str(model_dir), "task": str(d / "task.jsonl")}
+
+
+def mark_as_sweep(folder: Path) -> Path:
+    """Mark a hand-made results folder as a sweep's (what `ia2cache sweep` writes first), so that
+    `report` may write into it."""
+    from ia2cache.outputs import MARKER
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MARKER).write_text(json.dumps({"kind": "sweep", "settings": None, "writes": []}))
+    return folder

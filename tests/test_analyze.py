@@ -23,7 +23,7 @@ from ia2cache.models import load_model
 from ia2cache.prompts import build_eval_pairs
 from ia2cache.sites import SITES, decoder_layers
 from ia2cache.tasks import load_task
-from tests.conftest import write_task
+from tests.conftest import mark_as_sweep, write_task
 
 WORDS = ["hot", "up", "big", "walk", "go", "France", "Spain", "Italy"]
 TARGETS = ["cold", "down small walked", "small walked", "went", "Paris France Spain", "Madrid Rome", "no",
@@ -59,7 +59,15 @@ def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[
                   chunk_rows=4)
     # query+response: the per-position metrics must find the response slots after the query's.
     ev = collect(CollectConfig(**common, k=4, split="eval", n_eval=13, positions="query+response"))
-    k0 = collect(CollectConfig(**common, k=0, split="eval", n_eval=10))
+    # A teacher that reads no demos (its prompt is the student's): --k 0 is refused as a user
+    # setting, so this sanity-check cache is built by giving collect demo-free eval rows.
+    import ia2cache.collect as collect_mod
+
+    real = collect_mod.build_eval_pairs
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(collect_mod, "build_eval_pairs",
+                   lambda task, tok, k, *a, **kw: real(task, tok, 0, *a, **kw))
+        k0 = collect(CollectConfig(**common, k=1, split="eval", n_eval=10))
     return {"dir": d, "model": tiny_model_dir, "eval": ev, "k0": k0, "common": common,
             "adapter": _lora_dir(d / "lora", tiny_model_dir, "act", 0),
             "adapter2": _lora_dir(d / "lora2", tiny_model_dir, "tok", 1)}
@@ -73,7 +81,7 @@ def test_eval_split_rows_are_icl_eval_prompts(env: dict[str, Any], tiny_tok: Any
     assert ev.rows == 13
     g = zarr.open_group(ev.cache, mode="r")
     task = load_task(env["common"]["task"])
-    pairs = build_eval_pairs(task, tiny_tok, k=4, seed=0, n_eval=13)
+    pairs = build_eval_pairs(task, tiny_tok, k=4, seed=0, n_eval=13, n=16)  # demos: the N=16 train rows
     lens = g["tokens/teacher_len"][:]
     ids = g["tokens/teacher_ids"][:]
     for r, p in enumerate(pairs):
@@ -267,7 +275,7 @@ def test_overlap_refuses_non_lora(tmp_path: Path) -> None:
 
 
 def test_cli_writes_json_and_png_and_report_uses_them(env: dict[str, Any], tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
+    sweep = mark_as_sweep(tmp_path / "sweep")
     adir = sweep / "analysis"
     res = runner.invoke(app, ["analyze", "similarity", "--cache", env["eval"].cache, "--adapter",
                               str(env["adapter"]), "--adapter", str(env["adapter2"]), "--out", str(adir),
@@ -330,6 +338,7 @@ def test_scatter_pairs_similarity_with_in_distribution_rows_only(tmp_path: Path)
         got = [r["accuracy"] for m, _, r in pts.get("task", []) if m == "act"]
         assert got == ([] if want is None else [want]), rows
     # The report passes results.jsonl rows as read: OOD rows alone give no scatter.
+    mark_as_sweep(tmp_path)
     (tmp_path / "results.jsonl").write_text(json.dumps(ood) + "\n")
     rep = report(tmp_path)
     assert not any(p.endswith("_similarity_vs_metrics.png") for p in rep["plots"])

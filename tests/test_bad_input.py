@@ -19,7 +19,7 @@ from cli.main import app
 from ia2cache.collect import CollectConfig, collect
 from ia2cache.distill import DistillConfig, distill
 from ia2cache.testing import tiny_llama
-from tests.conftest import write_jsonl, write_task
+from tests.conftest import mark_as_sweep, write_jsonl, write_task
 
 runner = CliRunner()
 WORDS = ["hot", "up", "big", "walk", "go", "France", "Spain", "Italy"]
@@ -77,8 +77,7 @@ def w(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, tiny_tok: 
     distill(
         DistillConfig(cache=done.cache, model=str(tiny_model_dir), method="act", epochs=1, out=str(adapter))
     )
-    sweep_dir = d / "sweep"
-    sweep_dir.mkdir()
+    sweep_dir = mark_as_sweep(d / "sweep")
     write_jsonl(
         sweep_dir / "results.jsonl",
         [json.dumps({"task": "t", "n": 4, "method": "tok", "seed": 0, "accuracy": 0.5}), "{not json"],
@@ -329,8 +328,18 @@ CASES: list[tuple[str, A, list[str]]] = [
     ),
     (
         "eval-k-larger-than-pool",
-        _a("eval", "--icl", "--k", "500", "--model", "{model}", "--task", "{task}"),
+        _a("eval", "--icl", "--icl-demos", "pool", "--k", "500", "--model", "{model}", "--task", "{task}"),
         ["--k 500"],
+    ),
+    (
+        "eval-k-larger-than-n",
+        _a("eval", "--icl", "--n", "4", "--k", "5", "--model", "{model}", "--task", "{task}"),
+        ["--k 5", "N=4"],
+    ),
+    (
+        "eval-icl-without-n",
+        _a("eval", "--icl", "--model", "{model}", "--task", "{task}"),
+        ["--n", "--icl-demos pool"],
     ),
     (
         "eval-n-eval-zero",
@@ -560,7 +569,7 @@ CASES: list[tuple[str, A, list[str]]] = [
     ),
     # ------------------------------------------------------------------ report
     ("report-missing-dir", _a("report", "{d}/no_sweep"), ["no_sweep"]),
-    ("report-no-results", _a("report", "{d}/elsewhere"), ["results.jsonl"]),
+    ("report-no-results", _a("report", "{d}/elsewhere"), ["results", "elsewhere"]),
 ]
 
 

@@ -24,7 +24,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[
 
 def _collect(env: dict[str, str], *extra: str) -> Any:
     return runner.invoke(app, ["collect", "--model", env["model"], "--task", env["task"], "--n", "8",
-                               "--store", env["store"], "--shard-rows", "8", "--json", *extra])
+                               "--dev", "4", "--store", env["store"], "--shard-rows", "8", "--json", *extra])
 
 
 def test_tasks_json_lists_builtin_tasks() -> None:

@@ -34,7 +34,7 @@ def loaded(env: dict[str, Any]) -> Any:
 
 
 def _cfg(env: dict[str, Any], store: Path, **kw: Any) -> CollectConfig:
-    base = dict(model=env["model"], task=env["task"], n=12, k=3, store=str(store), dtype="fp32",
+    base = dict(model=env["model"], task=env["task"], n=12, k=3, dev=6, store=str(store), dtype="fp32",
                 batch_size=4, shard_rows=8, chunk_rows=4)
     base.update(kw)
     return CollectConfig(**base)
@@ -89,10 +89,10 @@ def test_positions_and_tokens_match_prompt_pairs(env: dict[str, Any], loaded: An
                   loaded)
     x = _arrays(res.cache)
     task = load_task(env["task"])
-    pairs = build_pairs(task, loaded.tokenizer, PromptConfig(n=12, k=3, seed=0)).rows
+    pairs = build_pairs(task, loaded.tokenizer, PromptConfig(n=12, k=3, seed=0, dev=6)).rows
     assert res.rows == len(pairs) == 18
     for r, p in enumerate(pairs):
-        n_resp = min(2, len(p.target_ids))
+        n_resp = min(2, len(p.label_ids(2)))  # gold labels: target, then the stop (T > 1)
         tp, sp = p.positions(n_resp, "query+response")
         n = x["tokens/positions_len"][r]
         assert n == len(tp) == p.query_len - 1 + n_resp
@@ -333,7 +333,7 @@ def test_icl_capture_inside_decoding_equals_teacher_forced_pass(env: dict[str, A
         assert out[: len(resp)] == resp
     # One prefill plus at most T-1 one-token steps per micro-batch: no teacher-forced second pass.
     teacher = Teacher(model, tok, "attn", [0], 0)
-    pairs = list(build_pairs(load_task(env["task"]), tok, PromptConfig(n=12, k=3, seed=0)).rows[:8])
+    pairs = list(build_pairs(load_task(env["task"]), tok, PromptConfig(n=12, k=3, seed=0, dev=6)).rows[:8])
     teacher.run(pairs, 4, "icl", "response", "", 4)
     assert 1 <= teacher.forwards <= 4
     ids, mask = pad([list(p.teacher_ids) for p in pairs], tok.pad_token_id, left=True)

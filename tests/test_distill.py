@@ -64,8 +64,8 @@ def _train_mse(env: dict[str, Any], model: Any) -> float:
 def test_act_training_halves_train_activation_mse(env: dict[str, Any], tmp_path: Path) -> None:
     lm = load_model(env["model"], device="cpu")
     before = _train_mse(env, lm.model)
-    res = distill(DistillConfig(cache=env["cache"], method="act", lr=1e-2, epochs=15, patience=15,
-                                out=str(tmp_path / "act")), lm)
+    res = distill(DistillConfig(cache=env["cache"], method="act", lr=1e-2, max_steps=60, eval_every=4,
+                                patience=100, out=str(tmp_path / "act")), lm)
     after = _train_mse(env, lm.model)  # lm.model is wrapped in place: it now carries the adapter
     assert after <= 0.5 * before, (before, after)
     run = json.loads((tmp_path / "act" / "run.json").read_text())
@@ -91,9 +91,12 @@ def test_a2t_second_phase_continues_the_same_adapter(env: dict[str, Any], tmp_pa
         return out
 
     monkeypatch.setattr(distill_mod, "_train_phase", spy)
-    res = distill(DistillConfig(cache=env["cache"], model=env["model"], method="a2t", lr=1e-2, epochs=3,
-                                out=str(tmp_path / "a2t")))
-    assert [h["objective"] for h in res.history] == ["act"] * 3 + ["tok"] * 3
+    res = distill(DistillConfig(cache=env["cache"], model=env["model"], method="a2t", lr=1e-2, max_steps=12,
+                                eval_every=4, patience=100, out=str(tmp_path / "a2t")))
+    # Each phase: its initial state (step 0), then an evaluation every 4 steps up to the cap.
+    assert [(h["objective"], h["step"]) for h in res.history] == [
+        (o, s) for o in ("act", "tok") for s in (0, 4, 8, 12)]
+    assert res.steps_run == [12, 12] and res.capped == [True, True]
     assert len(starts) == 2
     for name in starts[1]:
         assert torch.equal(starts[1][name], ends[0][name])  # phase 2 starts where phase 1 ended
@@ -102,22 +105,27 @@ def test_a2t_second_phase_continues_the_same_adapter(env: dict[str, Any], tmp_pa
 
 def test_best_state_is_really_restored(env: dict[str, Any], tmp_path: Path,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    per_epoch: list[dict[str, torch.Tensor]] = []
+    at_step: dict[int, dict[str, torch.Tensor]] = {}
     orig = distill_mod._save_checkpoint
 
     def spy(run: Any, state: dict[str, Any], opt: Any, best: Any) -> None:
-        per_epoch.append(distill_mod._snapshot(run.model))
+        at_step[state["step"]] = distill_mod._snapshot(run.model)  # checkpoints come at evaluations
         orig(run, state, opt, best)
 
     monkeypatch.setattr(distill_mod, "_save_checkpoint", spy)
-    # A learning rate this large overshoots: dev loss rises after the first epochs.
-    res = distill(DistillConfig(cache=env["cache"], model=env["model"], method="tok", lr=0.3, epochs=8,
-                                patience=8, out=str(tmp_path / "tok")))
-    dev = [h["dev_loss"] for h in res.history]
-    best = min(range(len(dev)), key=dev.__getitem__)
-    assert res.best_epoch == [best] and best != len(dev) - 1, dev
+    # A dev curve that is lowest at step 12 of 24 (the evaluations come at steps 0, 4, ..., 24).
+    scripted = iter([6.0, 5.0, 4.0, 3.0, 3.5, 4.5, 5.5])
+    monkeypatch.setattr(distill_mod, "_dev_loss", lambda run, objective: next(scripted))
+    res = distill(DistillConfig(cache=env["cache"], model=env["model"], method="tok", lr=0.1, max_steps=24,
+                                eval_every=4, patience=100, out=str(tmp_path / "tok")))
+    dev = {h["step"]: h["dev_loss"] for h in res.history}
+    best = min(dev, key=dev.__getitem__)
+    last = max(dev)
+    assert res.best_step == [best] and 0 < best != last, dev
+    assert res.best_epoch == [(best - 1) // 4]  # 16 train rows, batch 4: 4 steps an epoch
+    assert res.final["dev_loss"] == dev[best]
     saved = load_file(tmp_path / "tok" / "adapter_model.safetensors")
-    best_state, last_state = per_epoch[best], per_epoch[len(dev) - 1]
+    best_state, last_state = at_step[best], at_step[last]
     for name, t in saved.items():
         key = next(n for n in best_state if n.replace(".default", "").endswith(name.split("base_model.")[-1]))
         assert torch.equal(t, best_state[key])
@@ -130,23 +138,24 @@ def test_model_fingerprint_mismatch_refused(env: dict[str, Any], tmp_path: Path)
         distill(DistillConfig(cache=env["cache"], model=other, method="act", epochs=1, out=str(tmp_path)))
     res = distill(DistillConfig(cache=env["cache"], model=other, method="act", epochs=1, out=str(tmp_path),
                                 allow_model_mismatch=True))
-    assert res.epochs_run == [1]
+    assert res.epochs_run == [1] and res.steps_run == [4]
 
 
 @pytest.mark.parametrize("method", ["act", "tok", "tokl", "tna", "a2t", "t2a"])
 def test_every_method_trains_and_lowers_its_loss(env: dict[str, Any], tmp_path: Path, method: str) -> None:
-    res = distill(DistillConfig(cache=env["cache"], model=env["model"], method=method, lr=1e-2, epochs=4,
-                                out=str(tmp_path / method)))
+    res = distill(DistillConfig(cache=env["cache"], model=env["model"], method=method, lr=1e-2, max_steps=16,
+                                eval_every=4, patience=100, out=str(tmp_path / method)))
     for phase in range(len(res.epochs_run)):
-        losses = [h["train_loss"] for h in res.history if h["phase"] == phase]
+        losses = [h["train_loss"] for h in res.history if h["phase"] == phase and h["step"] > 0]
         assert losses[-1] < losses[0], (method, phase, losses)
 
 
 @pytest.mark.parametrize("adapter", ["ia3", "prompt", "prefix"])
 def test_other_adapters_train(env: dict[str, Any], tmp_path: Path, adapter: str) -> None:
     res = distill(DistillConfig(cache=env["cache"], model=env["model"], method="act", adapter=adapter,
-                                lr=1e-2, epochs=3, out=str(tmp_path / adapter)))
-    losses = [h["train_loss"] for h in res.history]
+                                lr=1e-2, max_steps=12, eval_every=4, patience=100,
+                                out=str(tmp_path / adapter)))
+    losses = [h["train_loss"] for h in res.history if h["step"] > 0]
     assert losses[-1] < losses[0]
     assert (tmp_path / adapter / "adapter_config.json").is_file()
 
@@ -174,8 +183,8 @@ def test_rerun_of_a_finished_run_is_reused(env: dict[str, Any], tmp_path: Path,
 _CHILD = """
 import sys
 from ia2cache.distill import DistillConfig, distill
-distill(DistillConfig(cache=sys.argv[1], model=sys.argv[2], method="a2t", lr=1e-2, epochs=4,
-                      out=sys.argv[3]))
+distill(DistillConfig(cache=sys.argv[1], model=sys.argv[2], method="a2t", lr=1e-2, max_steps=16,
+                      eval_every=4, patience=100, out=sys.argv[3]))
 """
 
 
@@ -191,7 +200,7 @@ def test_sigkill_during_distill_then_resume_gives_same_weights(env: dict[str, An
                               env=e, capture_output=True, text=True, timeout=300)
 
     assert run(tmp_path / "clean", None).returncode == 0
-    killed = run(tmp_path / "killed", "distill.after_checkpoint:6")  # phase 2, epoch 2
+    killed = run(tmp_path / "killed", "distill.after_checkpoint:6")  # phase 2, step 8
     assert killed.returncode == -signal.SIGKILL
     assert (tmp_path / "killed" / "checkpoint" / "state.json").is_file()
     assert not (tmp_path / "killed" / "run.json").exists()
@@ -217,6 +226,98 @@ def test_checkpoint_of_another_cache_is_refused(env: dict[str, Any], tmp_path: P
     killed = subprocess.run([sys.executable, str(script), env["cache"], env["model"], str(out)], env=e,
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL
-    with pytest.raises(IA2Error, match="different run"):
-        distill(DistillConfig(cache=other.cache, model=env["model"], method="a2t", lr=1e-2, epochs=4,
-                              out=str(out)))
+    with pytest.raises(IA2Error, match=r"other settings \(--cache-key"):
+        distill(DistillConfig(cache=other.cache, model=env["model"], method="a2t", lr=1e-2, max_steps=16,
+                              eval_every=4, patience=100, out=str(out)))
+
+
+def test_a_reached_step_cap_is_recorded_as_capped(env: dict[str, Any], tmp_path: Path) -> None:
+    capped = distill(DistillConfig(cache=env["cache"], model=env["model"], method="act", lr=1e-2, max_steps=8,
+                                   eval_every=4, patience=100, out=str(tmp_path / "capped")))
+    assert capped.capped == [True] and capped.steps_run == [8]
+    # An overshooting lr stops early: patience 1 ends the phase at the first evaluation that is
+    # not 1% better, long before the cap.
+    early = distill(DistillConfig(cache=env["cache"], model=env["model"], method="tok", lr=0.3, max_steps=400,
+                                  eval_every=4, patience=1, out=str(tmp_path / "early")))
+    assert early.capped == [False] and early.steps_run[0] < 400
+    run = json.loads((tmp_path / "early" / "run.json").read_text())
+    assert run["capped"] == [False] and run["phases"][0]["max_steps"] == 400
+    assert run["steps_run"] == early.steps_run and run["best_step"] == early.best_step
+
+
+def test_tna_weighs_both_terms_equally_at_step_0(env: dict[str, Any], tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, float] = {}
+    orig = distill_mod._train_phase
+
+    def spy(run: Any, phase: int, objective: str, *a: Any, **k: Any) -> Any:
+        # Before any step: the mean act and tok terms over the training rows, by hand.
+        run.model.eval()
+        sums = {"act": 0.0, "tok": 0.0}
+        with torch.no_grad():
+            rows = 0
+            for batch in CacheLoader(run.cache.path, LoaderConfig(batch_size=3, shuffle=False)):
+                parts = distill_mod._loss_parts(run, batch, "tna")
+                for key in sums:
+                    sums[key] += float(parts[key]) * len(batch.rows)
+                rows += len(batch.rows)
+        seen.update(act=sums["act"] / rows, tok=sums["tok"] / rows)
+        return orig(run, phase, objective, *a, **k)
+
+    monkeypatch.setattr(distill_mod, "_train_phase", spy)
+    res = distill(DistillConfig(cache=env["cache"], model=env["model"], method="tna", lr=1e-2, max_steps=4,
+                                eval_every=4, out=str(tmp_path / "tna")))
+    scale = json.loads((tmp_path / "tna" / "run.json").read_text())["tna_scale"]
+    w = 0.5
+    assert seen["act"] > 5 * seen["tok"] or seen["tok"] > 5 * seen["act"] or scale is not None
+    # (1-w) * c * act == w * tok at step 0: both halves weigh the same.
+    assert (1 - w) * scale * seen["act"] == pytest.approx(w * seen["tok"], rel=1e-4)
+    assert res.steps_run == [4]
+
+
+def test_a2t_first_phase_from_an_act_run_equals_training_it(env: dict[str, Any], tmp_path: Path) -> None:
+    common = dict(cache=env["cache"], model=env["model"], lr=1e-2, max_steps=8, eval_every=4, patience=100)
+    act = distill(DistillConfig(method="act", out=str(tmp_path / "act"), **common))
+    whole = distill(DistillConfig(method="a2t", lr2=3e-2, out=str(tmp_path / "whole"), **common))
+    reused = distill(DistillConfig(method="a2t", lr2=3e-2, first_phase_from=act.adapter,
+                                   out=str(tmp_path / "reused"), **common))
+    a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "reused" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert whole.history == reused.history and whole.lrs == reused.lrs == [1e-2, 3e-2]
+    assert [h["phase"] for h in whole.history].count(1) == 3  # step 0, 4, 8 of phase 2
+    # An act run with other settings is not this run's phase 1: refused, naming the setting.
+    other = distill(DistillConfig(method="act", out=str(tmp_path / "act-lr"), **{**common, "lr": 3e-2}))
+    with pytest.raises(IA2Error, match="settings differ: lr"):
+        distill(DistillConfig(method="a2t", first_phase_from=other.adapter, out=str(tmp_path / "bad"),
+                              **common))
+
+
+def test_a_diverging_loss_stops_the_run_and_saves_no_adapter(env: dict[str, Any], tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    orig = distill_mod._losses
+    calls = {"n": 0}
+
+    def blow_up(run: Any, batch: Any, objective: str) -> torch.Tensor:
+        calls["n"] += 1
+        loss = orig(run, batch, objective)
+        return loss * float("nan") if calls["n"] > 12 else loss
+
+    monkeypatch.setattr(distill_mod, "_losses", blow_up)
+    with pytest.raises(IA2Error, match=r"diverged at phase 1 \(act\), epoch \d+, step \d+.*lower --lr"):
+        distill(DistillConfig(cache=env["cache"], model=env["model"], method="act", lr=1e-2, max_steps=40,
+                              eval_every=100, out=str(tmp_path / "nan")))
+    assert not (tmp_path / "nan" / "run.json").exists()
+    assert not (tmp_path / "nan" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("field,value", [("lr", float("inf")), ("lr", float("nan")), ("lr", 1e30),
+                                         ("lr", 0.0), ("lr", -1e-3), ("lr2", float("inf")), ("seed", -1),
+                                         ("seed", 2**64),
+                                         ("max_steps", 0), ("eval_every", -3), ("patience", 0),
+                                         ("num_virtual_tokens", -3), ("min_delta", float("nan")),
+                                         ("tna_weight", float("nan"))])
+def test_every_numeric_setting_is_bounded(env: dict[str, Any], field: str, value: Any) -> None:
+    method = "a2t" if field == "lr2" else "act"
+    with pytest.raises(IA2Error, match=f"--{field.replace('_', '-')}"):
+        DistillConfig(cache=env["cache"], method=method, **{field: value})

@@ -39,7 +39,7 @@ def task(tmp_path: Path, tiny_tok: Any) -> Task:
 
 
 def _manual(model: Any, tok: Any, task: Task, k: int, use_teacher: bool) -> tuple[np.ndarray, ...]:
-    pairs = build_eval_pairs(task, tok, k=k, seed=0, n_eval=20)
+    pairs = build_eval_pairs(task, tok, k=k, seed=0, n_eval=20, n=8)
     preds, conf, gold = [], [], []
     with torch.no_grad():
         for p in pairs:
@@ -53,7 +53,8 @@ def _manual(model: Any, tok: Any, task: Task, k: int, use_teacher: bool) -> tupl
 
 def test_single_token_metrics_match_a_bs1_hand_loop(task: Task, tiny_tok: Any, tiny_model: Any) -> None:
     for mode, k in (("base", 0), ("icl", 3)):
-        r = evaluate(tiny_model, tiny_tok, task, EvalConfig(mode=mode, k=max(k, 1), n_eval=20, batch_size=7))
+        r = evaluate(tiny_model, tiny_tok, task,
+                     EvalConfig(mode=mode, k=max(k, 1), n=8, n_eval=20, batch_size=7))
         preds, conf, gold = _manual(tiny_model, tiny_tok, task, k, mode == "icl")
         correct = preds == gold
         assert r["n_eval"] == 20
@@ -64,7 +65,7 @@ def test_single_token_metrics_match_a_bs1_hand_loop(task: Task, tiny_tok: Any, t
 
 
 def test_agreement_with_icl(task: Task, tiny_tok: Any, tiny_model: Any) -> None:
-    r = evaluate(tiny_model, tiny_tok, task, EvalConfig(mode="base", k=3, n_eval=20, agreement=True))
+    r = evaluate(tiny_model, tiny_tok, task, EvalConfig(mode="base", k=3, n=8, n_eval=20, agreement=True))
     base, _, _ = _manual(tiny_model, tiny_tok, task, 0, False)
     icl, _, _ = _manual(tiny_model, tiny_tok, task, 3, True)
     assert r["agreement_with_icl"] == pytest.approx((base == icl).mean())
@@ -140,11 +141,11 @@ def test_agreement_with_a_parser_excludes_rows_both_fail_to_parse(tiny_tok: Any,
     lines = [json.dumps({"input": f"what is {i} plus one", "target": f"#### {i + 1}"}) for i in range(30)]
     task = load_task(str(write_jsonl(tmp_path / "h.jsonl", lines)))
     task = dataclasses.replace(task, card={**task.card, "parser": "hash"})
-    cfg = EvalConfig(mode="base", k=2, n_eval=8, agreement=True, max_new_tokens=3, batch_size=4)
+    cfg = EvalConfig(mode="base", k=2, n=4, n_eval=8, agreement=True, max_new_tokens=3, batch_size=4)
     r = evaluate(tiny_model, tiny_tok, task, cfg)
     dev = next(tiny_model.parameters()).device
     base_pairs = build_eval_pairs(task, tiny_tok, k=0, seed=0, n_eval=8)
-    icl_pairs = build_eval_pairs(task, tiny_tok, k=2, seed=0, n_eval=8)
+    icl_pairs = build_eval_pairs(task, tiny_tok, k=2, seed=0, n_eval=8, n=4)
     mine = _score_generate(tiny_model, tiny_tok, task, base_pairs, "base", 4, dev, 3)["answers"]
     theirs = _score_generate(tiny_model, tiny_tok, task, icl_pairs, "icl", 4, dev, 3)["answers"]
     both_none = sum(a is None and b is None for a, b in zip(mine, theirs, strict=True))
@@ -191,10 +192,14 @@ def test_eval_adapter_with_model_reports_that_model(tiny_model_dir: Path, tmp_pa
     argv = ["eval", "--task", str(task), "--adapter", str(adapter), "--n-eval", "4", "--json"]
     r = runner.invoke(app, argv)
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["model"]["name"] == str(tiny_model_dir)
+    # The model's resolved name and fingerprint, and the spec it was loaded from.
+    got = json.loads(r.stdout)["model"]
+    want = ("tiny", str(tiny_model_dir), lm.info.fingerprint)
+    assert (got["name"], got["spec"], got["fingerprint"]) == want
     r = runner.invoke(app, [*argv, "--model", str(copy)])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["model"] == {"name": str(copy), "adapter": str(adapter)}
+    assert json.loads(r.stdout)["model"] == {"name": "tiny", "spec": str(copy), "adapter": str(adapter),
+                                             "fingerprint": lm.info.fingerprint}
 
 
 def test_eval_model_help_is_one_clear_sentence() -> None:

@@ -293,3 +293,43 @@ def test_without_datasets_hf_tasks_say_how_to_install_it_and_exit_2(
     r = CliRunner().invoke(app, ["tasks", "--json"])
     assert r.exit_code == 0, r.output
     assert "hf:sst2" in {t["name"] for t in json.loads(r.stdout)["hf_tasks"]}
+
+
+@pytest.mark.parametrize("template", ["", "{input[0]}", "{input:>2000000000}", "{{input}} {input}"])
+def test_hf_template_and_separator_flags_are_checked(tmp_path: Path, template: str) -> None:
+    """The same template rules as every task: one literal {input}, and an empty --template or
+    --separator is refused (it used to mean the default); the error names the flag."""
+    with pytest.raises(IA2Error, match="--template"):
+        load_hf(f"hf:sst2@{write_fixture(tmp_path, 'sst2')}", template=template)
+    with pytest.raises(IA2Error, match="--separator '': empty"):
+        load_hf(f"hf:sst2@{write_fixture(tmp_path, 'sst2')}", separator="")
+
+
+def test_hf_template_is_rendered_literally(tmp_path: Path) -> None:
+    t = load_hf(f"hf:sst2@{write_fixture(tmp_path, 'sst2')}", template="{0} {input!r:>9}? {input}")
+    e = t.pool[0]
+    assert t.render(e) == "{0} {input!r:>9}? " + e.input
+
+
+def test_hf_separator_inside_targets_is_refused(tmp_path: Path) -> None:
+    d = write_fixture(tmp_path, "gsm8k")
+    with pytest.raises(IA2Error, match=r"hf:gsm8k row gsm8k-p\d+: target .*--separator"):
+        load_hf(f"hf:gsm8k@{d}", separator="\n")
+
+
+def test_hub_rows_that_break_the_rules_are_kept_with_a_warning(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """Hub data is read as the reference code reads it: rows whose target holds the stop string,
+    and inputs repeated with another target, are named in a warning, not dropped."""
+    d = tmp_path / "gsm8k"
+    d.mkdir()
+    rows = _gsm8k(30)
+    rows[3]["answer"] = "First step.\n\nSecond step.\n#### 4"
+    rows[7]["question"] = rows[5]["question"]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _gsm8k(12)))
+    with caplog.at_level("WARNING", logger="ia2cache.tasks"):
+        t = load_hf(f"hf:gsm8k@{d}")
+    assert len(t.pool) == 30
+    assert "1 rows have the stop string '\\n\\n' in their target" in caplog.text
+    assert "repeat an earlier input with a different target" in caplog.text

@@ -14,6 +14,7 @@ from ia2cache.answers import parse_hash
 from ia2cache.collect import CollectConfig, collect
 from ia2cache.distill import DistillConfig, distill
 from ia2cache.evaluate import EvalConfig, evaluate, load_adapter, ood_task
+from ia2cache.models import load_model
 from ia2cache.store import Cache
 from ia2cache.tasks import Example, Task, load_task
 from tests.conftest import write_task
@@ -77,7 +78,8 @@ def test_ood_task_takes_queries_from_one_task_and_demos_from_the_other(tmp_path:
     t = ood_task(a, b)
     assert t.pool == a.pool and t.eval == b.eval and t.name == "b" and t.card["train_task"] == "a"
     assert ood_task(a, a) is a
-    r = evaluate(tiny_model, tiny_tok, t, EvalConfig(mode="icl", k=2, n_eval=4))
+    r = evaluate(tiny_model, tiny_tok, t, EvalConfig(mode="icl", k=2, n=4, n_eval=4))
+    assert r["icl_demos"] == "train" and r["n"] == 4
     assert r["task"] == "b" and r["train_task"] == "a"
 
 
@@ -89,7 +91,8 @@ def test_sweep_with_an_eval_task_records_both(tmp_path: Path, tiny_model_dir: Pa
     b = write_task(tmp_path / "tb.jsonl", [(f"other {i}", ("hot", "up")[i % 2]) for i in range(24)])
     out = tmp_path / "sweep"
     cfg = SweepConfig(task=str(a), eval_task=str(b), out=str(out), ns=(2,), seeds=(0,), methods=("tok",),
-                      epochs=1, n_eval=4, model=str(tiny_model_dir), store=str(tmp_path / "store"))
+                      lrs=(1e-3,), max_steps=2, eval_every=1, dev="2", n_eval=4, model=str(tiny_model_dir),
+                      store=str(tmp_path / "store"))
     res = sweep(cfg)
     assert res["cells_done"] == 3
     rows = read_results(out)
@@ -104,15 +107,20 @@ def test_collect_distill_eval_multitoken_end_to_end(tmp_path: Path, tiny_model_d
     res = collect(CollectConfig(model=str(tiny_model_dir), task="arith_word", n=4, seed=0, store=store,
                                 max_new_tokens=6, shard_rows=2, chunk_rows=1))
     cache = Cache.open(res.cache)
-    assert res.status == "complete" and res.rows == 6 and cache.verify() == []
+    assert res.status == "complete" and res.rows == 4 + 16 and cache.verify() == []  # N + D dev rows
     assert cache.manifest["max_new_tokens"] == 6
     assert cache.read("acts/attn/layer_000", 0, 6).shape[:2] == (6, 6)
+    # SFT labels end with the stop string, as the teacher's responses do: SFT learns to stop.
+    tok = load_model(str(tiny_model_dir), device="cpu").tokenizer
+    ids, lens = cache.read("tokens/target_ids", 0, 4), cache.read("tokens/target_len", 0, 4)
+    assert all(tok.decode(ids[r, : lens[r]].tolist()).endswith("\n") for r in range(4))
+    assert cache.manifest["sft_labels"] == "target+stop"
     # without --max-new-tokens the task card's T (24) is used
     auto = CollectConfig(model=str(tiny_model_dir), task="arith_word", n=2, seed=0, store=store)
     assert Cache.open(collect(auto).cache).manifest["max_new_tokens"] == 24
     out = tmp_path / "run"
     d = distill(DistillConfig(cache=res.cache, method="a2t", lr=1e-3, epochs=1, out=str(out)))
-    assert d.epochs_run == [1, 1]
+    assert d.epochs_run == [1, 1] and d.steps_run == [1, 1]
     record = json.loads((out / "run.json").read_text())
     assert record["config"]["method"] == "a2t" and record["cache_manifest"]["max_new_tokens"] == 6
     model, tok, _ = load_adapter(out)
@@ -129,7 +137,7 @@ def test_cli_eval_task_reports_both(tmp_path: Path, tiny_model_dir: Path) -> Non
     a = write_task(tmp_path / "ca.jsonl", [(f"a{i}", "hot") for i in range(20)])
     b = write_task(tmp_path / "cb.jsonl", [(f"b{i}", "up") for i in range(20)])
     r = CliRunner().invoke(app, ["eval", "--task", str(a), "--eval-task", str(b), "--icl", "--k", "2",
-                                 "--n-eval", "4", "--model", str(tiny_model_dir), "--json"])
+                                 "--n", "4", "--n-eval", "4", "--model", str(tiny_model_dir), "--json"])
     assert r.exit_code == 0, r.output
     obj = json.loads(r.stdout)
     assert (obj["train_task"], obj["task"], obj["n_eval"]) == ("ca", "cb", 4)

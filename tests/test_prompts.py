@@ -26,7 +26,7 @@ def _task(tmp_path: Path, n: int = 60) -> Task:
 
 def test_query_tokens_identical_and_positions_index_same_tokens(tmp_path: Path, tiny_tok: Any) -> None:
     task = _task(tmp_path)
-    pairs = build_pairs(task, tiny_tok, PromptConfig(n=12, k=4, seed=3))
+    pairs = build_pairs(task, tiny_tok, PromptConfig(n=12, k=4, seed=3, dev=6))
     assert len(pairs.train) == 12 and len(pairs.dev) == 6
     for p in pairs.rows:
         q = p.query_len
@@ -86,7 +86,7 @@ from ia2cache.prompts import PromptConfig, build_pairs, build_eval_pairs, _diges
 t = load_task(sys.argv[1])
 tok = tiny_tokenizer()
 print(json.dumps([build_pairs(t, tok, PromptConfig(n=10, k=3, seed=5)).digest(),
-                  _digest(build_eval_pairs(t, tok, k=3, seed=5, n_eval=10))]))
+                  _digest(build_eval_pairs(t, tok, k=3, seed=5, n_eval=10, n=10))]))
 """
 
 
@@ -111,13 +111,52 @@ def test_bad_n_and_k(tmp_path: Path, tiny_tok: Any) -> None:
         build_pairs(task, tiny_tok, PromptConfig(n=50))
     with pytest.raises(IA2Error, match="--k 5"):
         PromptConfig(n=4, k=5)
-    with pytest.raises(IA2Error, match="--n 0"):
-        PromptConfig(n=0)
+    for n in (0, 1):  # N=1: no other training row to draw demos from
+        with pytest.raises(IA2Error, match=f"--n {n}: must be at least 2"):
+            PromptConfig(n=n)
+    with pytest.raises(IA2Error, match="--k 0: must be at least 1"):
+        PromptConfig(n=4, k=0)
+    for seed in (-1, 2**32, 2**64):
+        with pytest.raises(IA2Error, match=f"--seed {seed}"):
+            PromptConfig(n=4, seed=seed)
+    with pytest.raises(IA2Error, match="--dev 0"):
+        PromptConfig(n=4, dev=0)
+    # The dev split: D rows (default 16), disjoint from train, as many as the pool has left.
+    ps = build_pairs(task, tiny_tok, PromptConfig(n=4))
+    assert len(ps.dev) == 6 and not {p.example_id for p in ps.dev} & {p.example_id for p in ps.train}
 
 
-def test_eval_pairs_have_k_pool_demos(tmp_path: Path, tiny_tok: Any) -> None:
+@pytest.mark.parametrize("n,seed", [(4, 0), (8, 3), (16, 1)])
+def test_icl_demos_come_from_the_n_training_rows_with_the_teachers_k(tmp_path: Path, tiny_tok: Any, n: int,
+                                                                     seed: int) -> None:
+    """The ICL baseline is the teacher: its demos are the N training rows the data seed picks."""
     task = _task(tmp_path)
-    pairs = build_eval_pairs(task, tiny_tok, k=4, seed=0, n_eval=7)
+    train = build_pairs(task, tiny_tok, PromptConfig(n=n, seed=seed))
+    train_ids = {p.example_id for p in train.train}
+    pairs = build_eval_pairs(task, tiny_tok, k=train.k, seed=seed, n_eval=20, n=n)
+    assert len(pairs) == 20
+    for p in pairs:
+        assert len(p.demo_ids) == train.k == min(n - 1, 8)
+        assert set(p.demo_ids) <= train_ids and len(set(p.demo_ids)) == train.k
+    # Seen over all rows, the demos use the training rows, not just one of them.
+    assert len({d for p in pairs for d in p.demo_ids}) > min(n - 1, 8)
+    with pytest.raises(IA2Error, match="--n: ICL demos come from the N training rows"):
+        build_eval_pairs(task, tiny_tok, k=3, seed=seed)
+    with pytest.raises(IA2Error, match=f"--k {n + 1}"):
+        build_eval_pairs(task, tiny_tok, k=n + 1, seed=seed, n=n)
+
+
+def test_multi_token_sft_labels_end_with_the_stop(tmp_path: Path, tiny_tok: Any) -> None:
+    task = _task(tmp_path)
+    p = build_pairs(task, tiny_tok, PromptConfig(n=4, seed=0)).train[0]
+    stop = tuple(tiny_tok(task.stop, add_special_tokens=False).input_ids)
+    assert p.label_ids(8) == p.target_ids + stop and tiny_tok.decode(p.label_ids(8)).endswith(task.stop)
+    assert p.label_ids(1) == p.target_ids  # one response token: no room for the stop
+
+
+def test_eval_pairs_from_the_pool_when_asked(tmp_path: Path, tiny_tok: Any) -> None:
+    task = _task(tmp_path)
+    pairs = build_eval_pairs(task, tiny_tok, k=4, seed=0, n_eval=7, demos="pool")
     pool_ids = {e.id for e in task.pool}
     assert len(pairs) == 7
     for p, ex in zip(pairs, task.eval, strict=False):

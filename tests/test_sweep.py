@@ -4,13 +4,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 import ia2cache.sweep as sweep_mod
 from ia2cache.errors import IA2Error
 from ia2cache.report import markdown, report, summarize
 from ia2cache.sweep import SweepConfig, parse_ints, read_results, select_lr, sweep
-from tests.conftest import write_task
+from tests.conftest import mark_as_sweep, write_task
 
 WORDS = ["hot", "up", "big", "go", "ocean", "paper"]
 
@@ -24,7 +25,8 @@ def env(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict[
 
 def _config(env: dict[str, str], out: Path) -> SweepConfig:
     return SweepConfig(task=env["task"], out=str(out), ns=(4,), seeds=(0, 1), methods=("tok", "a2t"),
-                       lrs=(3e-2, 1e-3), epochs=2, n_eval=6, model=env["model"], store=env["store"])
+                       lrs=(3e-2, 1e-3), max_steps=8, eval_every=4, n_eval=6, dev="4", model=env["model"],
+                       store=env["store"])
 
 
 def test_sweep_runs_cells_selects_on_dev_and_resumes(env: dict[str, str], tmp_path: Path,
@@ -47,9 +49,14 @@ def test_sweep_runs_cells_selects_on_dev_and_resumes(env: dict[str, str], tmp_pa
     assert evals.count("adapter") == 4 and evals.count("icl") == 2 and evals.count("base") == 1
     for r in rows:
         if r["method"] in ("tok", "a2t"):
-            assert set(r["grid"]) == {"0.03", "0.001"}
-            assert r["lr"] == min((loss, float(lr)) for lr, loss in r["grid"].items())[1]
-            assert r["dev_loss"] == r["grid"][f"{r['lr']:g}"]
+            # One lr per phase, each chosen on that phase's own dev loss (a2t: act, then tok).
+            assert len(r["grid"]) == len(r["lr"]) == (2 if r["method"] == "a2t" else 1)
+            for grid, lr in zip(r["grid"], r["lr"], strict=True):
+                assert set(grid) == {"0.03", "0.001"}
+                assert lr == min((loss, float(x)) for x, loss in grid.items())[1]
+            assert r["dev_loss"] == r["grid"][-1][f"{r['lr'][-1]:g}"]
+            assert len(r["capped"]) == len(r["steps_run"]) == len(r["lr"])
+            assert r["dev"] == 4 and r["n_train"] == 4 and r["n_dev"] == 4
     evals.clear()
     again = sweep(_config(env, out))
     assert again["cells_skipped"] == 7 and again["cells_done"] == 0 and evals == []
@@ -81,12 +88,15 @@ def test_report_table_and_plots(tmp_path: Path) -> None:
     md = markdown(rows)
     assert "| N | base | SFT | IA2→SFT |" in md
     assert "| 4 | 0.100 ± 0.000 | 0.600 ± 0.100 | 0.900 ± 0.000 |" in md
+    mark_as_sweep(tmp_path)
     (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     preds = tmp_path / "preds"
     preds.mkdir()
     (preds / "t__tok__n4__s0.json").write_text(json.dumps({"confidence": [0.9, 0.2], "correct": [1, 0]}))
     res = report(tmp_path)
-    assert Path(res["report"]).read_text().startswith("**t: accuracy**")
+    text = Path(res["report"]).read_text()
+    assert text.startswith("## Paired comparisons") and "**t: accuracy**" in text
+    assert "| 4 | 3 | +0.300 [" in text  # IA2→SFT − SFT at N=4 over 3 seeds: +0.3 on average
     assert {Path(p).name for p in res["plots"]} == {"t_vs_n.png", "t_reliability.png"}
     assert all(Path(p).read_bytes()[:4] == b"\x89PNG" for p in res["plots"])
 
@@ -97,5 +107,139 @@ def test_bad_sweep_input() -> None:
     with pytest.raises(IA2Error, match="--seeds x"):
         parse_ints("x", "--seeds")
     assert parse_ints("0-2,5", "--seeds") == (0, 1, 2, 5)
-    with pytest.raises(IA2Error, match="results.jsonl"):
+    # Ranges are bounded before they are built: a huge one costs nothing and is refused.
+    for spec, match in (("0-99999999999", "must be in"), ("0-20000", "more than"), ("5-2", "backwards"),
+                        ("1,1", "repeated"), ("-3", "must be in")):
+        with pytest.raises(IA2Error, match=match):
+            parse_ints(spec, "--seeds")
+    with pytest.raises(IA2Error, match=r"no results\*.jsonl"):
         report("/nonexistent-dir-xyz")
+
+
+def _small(env: dict[str, str], out: Path, **kw: Any) -> SweepConfig:
+    base = dict(task=env["task"], out=str(out), ns=(4,), seeds=(0, 1), methods=("tok",), lrs=(1e-2,),
+                max_steps=4, eval_every=2, n_eval=4, dev="4", model=env["model"], store=env["store"],
+                threads=1)
+    return SweepConfig(**{**base, **kw})
+
+
+def _cells(out: Path) -> dict[tuple[Any, ...], dict[str, Any]]:
+    keep = ("accuracy", "ece_equal_mass", "nll", "lr", "best_step", "steps_run", "capped", "dev_loss")
+    return {(r["n"], r["seed"], r["method"]): {k: r.get(k) for k in keep} for r in read_results(out)}
+
+
+def test_two_workers_give_the_rows_of_one(env: dict[str, str], tmp_path: Path) -> None:
+    one = sweep(_small(env, tmp_path / "one"))
+    two = sweep(_small(env, tmp_path / "two", workers=2))
+    assert one["cells_done"] == two["cells_done"] == 5 and two["cells_failed"] == 0
+    a, b = _cells(tmp_path / "one"), _cells(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for key in a:
+        for field, value in a[key].items():
+            want = pytest.approx(value) if isinstance(value, float) else value
+            assert b[key][field] == want, (key, field)
+    # Only the parent wrote the results file: one line per cell, none torn.
+    lines = (tmp_path / "two" / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 5 and all(json.loads(x) for x in lines)
+
+
+def test_shards_together_run_exactly_the_cells_of_one_run(env: dict[str, str], tmp_path: Path) -> None:
+    cfg = dict(ns=(4, 6), seeds=(0, 1, 2), methods=("tok",), max_steps=2, eval_every=2)
+    from ia2cache.sweep import _plan
+
+    whole = _plan(_small(env, tmp_path / "x", **cfg))
+    shards = [_plan(_small(env, tmp_path / "x", shard=f"{i}/3", **cfg)) for i in range(3)]
+    mine = sorted(j for p in shards for j in p.mine)
+    assert mine == whole.mine == list(range(len(whole.units)))  # each unit in exactly one shard
+    # Run two shards of a small grid into one --out: each writes its own file; together = one run.
+    small = dict(ns=(4,), seeds=(0, 1), methods=("tok",))
+    for i in range(2):
+        sweep(_small(env, tmp_path / "sharded", shard=f"{i}/2", **small))
+    sweep(_small(env, tmp_path / "single", **small))
+    files = sorted(p.name for p in (tmp_path / "sharded").glob("results*.jsonl"))
+    assert files == ["results-0of2.jsonl", "results-1of2.jsonl"]
+    assert _cells(tmp_path / "sharded").keys() == _cells(tmp_path / "single").keys()
+    assert report(tmp_path / "sharded")["cells"] == 5
+
+
+@pytest.mark.parametrize("change", [
+    {"max_steps": 6}, {"lrs": (3e-2,)}, {"eval_every": 1}, {"patience": 2}, {"n_eval": 3}, {"dev": "6"},
+    {"icl_k": 2}, {"icl_demos": "pool"}, {"labels": "icl"}, {"adapter": "ia3"}, {"lora_r": 4},
+    {"model": "other"}, {"task": "edited"}, {"min_delta": 0.0},
+])
+def test_a_rerun_with_a_changed_setting_is_refused_naming_it(env: dict[str, str], tmp_path: Path,
+                                                            change: dict[str, Any], tiny_tok: Any) -> None:
+    from ia2cache.testing import tiny_llama
+
+    out = tmp_path / "sw"
+    first = _plan_only(_small(env, out, seeds=(0,)), out)
+    if "model" in change:  # another model folder: other weights, so another fingerprint
+        other = tmp_path / "other-model"
+        tiny_llama(len(tiny_tok), seed=3).save_pretrained(other)
+        tiny_tok.save_pretrained(other)
+        change = {"model": str(other)}
+    if "task" in change:  # the same file name, edited content
+        edited = tmp_path / "copy" / Path(env["task"]).name
+        edited.parent.mkdir()
+        edited.write_text(Path(env["task"]).read_text().replace("hot", "cold"))
+        change = {"task": str(edited)}
+    flag = "--" + next(iter(change)).replace("_", "-")
+    with pytest.raises(IA2Error, match=flag):
+        _plan_only(_small(env, out, seeds=(0,), **change), out)
+    assert first  # the first settings stay what sweep-<task>.json describes
+    assert json.loads((out / f"sweep-{Path(env['task']).stem}.json").read_text())["settings_hash"] == first
+
+
+def _plan_only(config: SweepConfig, out: Path) -> str:
+    """What a sweep checks and records before running any cell (its settings hash)."""
+    from ia2cache.sweep import _check_settings, _plan, _write_settings
+
+    out.mkdir(exist_ok=True)
+    plan = _plan(config)
+    _check_settings(out, plan)
+    _write_settings(out, plan)
+    return plan.settings_hash
+
+
+def test_more_seeds_or_methods_extend_a_sweep(env: dict[str, str], tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    a = _plan_only(_small(env, out, seeds=(0,)), out)
+    b = _plan_only(_small(env, out, seeds=(0, 1, 2), methods=("tok", "act")), out)
+    assert a == b
+    grid = json.loads((out / f"sweep-{Path(env['task']).stem}.json").read_text())["grid"]
+    assert grid == {"ns": [4], "seeds": [0, 1, 2], "methods": ["act", "tok"]}
+
+
+def test_bootstrap_ci_matches_the_exact_bootstrap_distribution() -> None:
+    import itertools
+
+    from ia2cache.report import bootstrap_ci, win_tie_loss
+
+    diffs = [0.1, -0.05, 0.2]
+    # By hand: all 3^3 equally likely resamples and their means; the 2.5% quantile is the smallest
+    # mean whose cumulative probability reaches 2.5% (the 97.5% one likewise).
+    means = sorted(sum(c) / 3 for c in itertools.product(diffs, repeat=3))
+    exact_lo = next(m for i, m in enumerate(means, start=1) if i / 27 >= 0.025)
+    exact_hi = next(m for i, m in enumerate(means, start=1) if i / 27 >= 0.975)
+    mean, lo, hi = bootstrap_ci(diffs, n_boot=200_000)
+    assert mean == pytest.approx(0.25 / 3)
+    assert lo == pytest.approx(exact_lo, abs=0.01) and hi == pytest.approx(exact_hi, abs=0.01)
+    assert bootstrap_ci([0.3, 0.3]) == pytest.approx((0.3, 0.3, 0.3))
+    assert win_tie_loss([0.1, 0.0, -0.2]) == (1, 1, 1)
+    assert win_tie_loss([0.1, 0.0, -0.2], lower_is_better=True) == (1, 1, 1)
+    assert win_tie_loss([-0.1, -0.2], lower_is_better=True) == (2, 0, 0)
+
+
+def test_report_pairs_seeds_and_uses_sample_std(tmp_path: Path) -> None:
+    from ia2cache.report import paired
+
+    rows = [{"task": "t", "n": 4, "seed": s, "method": m, "accuracy": acc, "ece_equal_mass": ece,
+             "ece_equal_width": ece, "settings": "x"}
+            for s, (a, b) in enumerate([(0.8, 0.7), (0.9, 0.6), (0.5, 0.5)])
+            for m, acc, ece in (("a2t", a, 0.1), ("tok", b, 0.2))]
+    p = paired(rows, "a2t", "tok", "accuracy", "t", 4)
+    assert p is not None and p["diffs"] == pytest.approx([0.1, 0.3, 0.0])
+    assert (p["win"], p["tie"], p["loss"]) == (2, 1, 0) and p["mean"] == pytest.approx(0.4 / 3)
+    md = markdown(rows)
+    sd = float(np.std([0.8, 0.9, 0.5], ddof=1))
+    assert f"{np.mean([0.8, 0.9, 0.5]):.3f} ± {sd:.3f}" in md

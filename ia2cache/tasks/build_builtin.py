@@ -17,7 +17,10 @@ are installed.
 
 Each task folder holds ``card.json``, ``pool.jsonl`` (demonstrations / training) and
 ``eval.jsonl`` (held out).  Rows are ``{"id", "input", "target"}``; targets carry no leading
-space, and the full demonstration text is ``template.format(input=x) + " " + target``.
+space, and the full demonstration text is the template with its one literal ``{input}``
+replaced by the input, then ``" " + target``.  The self-check applies the loader's rules
+(``ia2cache.tasks``): no target holds the stop string or the separator, and no input repeats
+anywhere in a task, even after Unicode and whitespace normalisation.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import random
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from ia2cache.tasks import _same_text
 
 OUT_DIR = Path(__file__).resolve().parent / "builtin"
 MIN_PER_SPLIT = 100
@@ -1270,8 +1275,8 @@ def check_all(out_dir: Path = OUT_DIR) -> None:
         card, pool, evl = load_task(name, out_dir)
         assert CARD_KEYS <= set(card) <= CARD_KEYS | OPTIONAL_CARD_KEYS, (name, sorted(set(card) ^ CARD_KEYS))
         assert card["name"] == name
-        assert "{input}" in card["template"], name
-        card["template"].format(input="x")
+        assert card["template"].count("{input}") == 1, (name, "template needs exactly one {input}")
+        assert card["separator"] and card["stop"], name
         assert isinstance(card["single_token"], bool), name
         assert len(pool) >= MIN_PER_SPLIT, (name, "pool", len(pool))
         assert len(evl) >= MIN_PER_SPLIT, (name, "eval", len(evl))
@@ -1285,6 +1290,10 @@ def check_all(out_dir: Path = OUT_DIR) -> None:
                 assert isinstance(v, str) and v, (name, r)
                 assert v == v.strip(), (name, "leading/trailing space", r)
                 assert "\n" not in v, (name, "newline", r)
+            assert card["stop"] not in " " + r["target"], (name, "stop string in target", r)
+            assert card["separator"] not in r["target"], (name, "separator in target", r)
+        keys = [_same_text(r["input"]) for r in pool + evl]
+        assert len(keys) == len(set(keys)), (name, "inputs repeat after normalisation")
         pool_inputs = [r["input"] for r in pool]
         eval_inputs = [r["input"] for r in evl]
         assert len(pool_inputs) == len(set(pool_inputs)), (name, "duplicate pool input")

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ia2cache.errors import IA2Error
-from ia2cache.tasks import Example, Task, _check_template
+from ia2cache.tasks import Example, Located, Task, _check_separator, _check_template, check_examples
 
 POOL_MAX = 2000
 EVAL_MAX = 500
@@ -354,12 +354,15 @@ def load_hf(spec: str, template: str | None = None, separator: str | None = None
 
     Args:
         spec: ``hf:NAME`` or ``hf:NAME@PATH`` (a folder of split files or a single file).
-        template: overrides the prompt template; must contain ``{input}``.
-        separator: overrides the demo separator.
+        template: overrides the prompt template: plain text with exactly one ``{input}``.
+        separator: overrides the demo separator (not empty, not inside any target).
         pool_max: at most this many pool rows (the paper: 2,000).
         eval_max: at most this many eval rows (the paper: 500).
     """
     hs, local = _parse_spec(spec)
+    # The flags first, before any data is read.
+    tmpl = _check_template(template) if template is not None else hs.template
+    sep = _check_separator(separator) if separator is not None else hs.separator
     single_file = local is not None and local.is_file()
 
     def read(split: str) -> Any:
@@ -379,12 +382,18 @@ def load_hf(spec: str, template: str | None = None, separator: str | None = None
         raise IA2Error(f"hf:{hs.name}: too few usable rows (pool {len(pool)}, eval {len(evl)}) "
                        f"in {local or hs.dataset}")
     data_from = str(local) if local is not None else f"hub/cache {hs.dataset}"
+    # Hub rows are kept as the reference code keeps them (a warning names rows whose target holds
+    # the stop string or the separator, or that repeat an input); a --separator that clashes
+    # with the targets is the flag's fault and refused.
+    check_examples([Located(f"hf:{hs.name} row {e.id}", e) for e in pool + evl], stop=hs.stop,
+                   separator=sep, separator_flag="--separator" if separator is not None else None,
+                   lenient=True, label=f"hf:{hs.name} ({data_from})")
     return Task(
         name=hs.name,
         pool=tuple(pool),
         eval=tuple(evl),
-        template=_check_template(template) if template else hs.template,
-        separator=separator if separator is not None else hs.separator,
+        template=tmpl,
+        separator=sep,
         stop=hs.stop,
         source=f"hf:{hs.name}",
         card=hs.card(data_from),
