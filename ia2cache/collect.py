@@ -31,6 +31,7 @@ import contextlib
 import importlib.metadata
 import inspect
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,7 +57,7 @@ from ia2cache.prompts import (
     build_pairs,
     response_length,
 )
-from ia2cache.sites import decoder_layers, get_site, parse_layers
+from ia2cache.sites import check_site, decoder_layers, get_site, parse_layers
 from ia2cache.store import ArraySpec, Cache, cache_key, encode_activations
 from ia2cache.tasks import DEFAULT_TASK, Task, is_single_token, load_task
 
@@ -64,7 +65,7 @@ log = logging.getLogger(__name__)
 
 RESPONSE_MODES = ("icl", "target")
 DTYPES = ("bf16", "fp16", "fp32")
-SPLIT_CODES = {"train": 0, "dev": 1, "eval": 2}
+SPLIT_CODES = {"train": 0, "dev": 1, "eval": 2, "unlabelled": 3}
 PAD = -1
 """Fill value of ragged int arrays (token ids, positions)."""
 
@@ -79,7 +80,8 @@ class CollectConfig:
     goes into the cache key."""
 
     model: str = "default"
-    """'default' (SmolLM2-135M-Instruct, offline), a local model directory, or a hub id."""
+    """'default' (SmolLM2-135M-Instruct, offline), a local model directory, a .gguf file (converted
+    once to safetensors under $IA2CACHE_HOME/models), a hub id, or random:NAME (random weights)."""
     task: str = DEFAULT_TASK
     """A built-in task name or a .jsonl file."""
     template: str | None = None
@@ -93,6 +95,14 @@ class CollectConfig:
     dev: int = DEFAULT_DEV
     """Dev rows D drawn from the pool after the N (disjoint from train and eval): they choose the
     lr and the stopping step; reports call them extra labelled data ("N train + D dev")."""
+    unlabelled: int = 0
+    """M unlabelled teacher rows (rows/split 3): queries from the pool after the N train and D dev
+    rows (their targets dropped; they repeat with fresh demos when M exceeds them) or from
+    --unlabelled-file, each with k demos from the N labelled rows. Only activation phases (act,
+    a2t's first) train on them."""
+    unlabelled_file: str | None = None
+    """A JSONL of {"input": ...} lines (no target) to draw the unlabelled queries from; with it,
+    --unlabelled 0 means one row per line."""
     k: int | None = None
     """Demos per teacher prompt; None (auto) means min(N-1, 8)."""
     seed: int = 0
@@ -107,7 +117,8 @@ class CollectConfig:
     max_new_tokens: int | None = None
     """T, the response tokens aligned per row; None (auto): 1 for single-token tasks, else 16."""
     site: str = "attn"
-    """Activation site: attn (after o_proj, before the residual add), resid, or mlp."""
+    """Activation site: attn (o_proj output), attn_out (what attention adds to the residual: after the
+    post-norm on Gemma), resid (layer output), mlp, or mlp_out; per architecture: `collect --help`, README."""
     layers: str = "all"
     """Decoder layers to store: all, or indices and ranges like 0-5,7."""
     positions: str = "response"
@@ -129,6 +140,13 @@ class CollectConfig:
     a missing, unreadable or special shard file, a lost ledger entry), so that it ends as a clean
     run leaves it; damage recomputing cannot fix (a manifest that does not produce its key) is
     refused. Not part of the key."""
+    plan: bool = False
+    """Plan only, write nothing: rows, aligned positions, bytes on disk for --dtype, the free space
+    on the store's filesystem, and with --probe an estimated time (``plan_collect``). A real
+    collect refuses (exit 2) to start a cache its store has no room for. Not part of the key."""
+    probe: bool = False
+    """With --plan: load the model and time one micro-batch of median-length rows to estimate the
+    collection time (the first call pays one-off costs, so the estimate errs high). Not part of the key."""
 
     def __post_init__(self) -> None:
         if self.response not in RESPONSE_MODES:
@@ -156,7 +174,12 @@ class CollectConfig:
                 f"--shard-rows {self.shard_rows}: must be a positive multiple of --chunk-rows "
                 f"{self.chunk_rows}"
             )
-        PromptConfig(n=self.n, k=self.k, seed=self.seed, dev=self.dev)
+        PromptConfig(n=self.n, k=self.k, seed=self.seed, dev=self.dev, unlabelled=self.unlabelled)
+        if (self.unlabelled or self.unlabelled_file) and self.response != "icl":
+            raise IA2Error(f"--response {self.response}: unlabelled rows have no target; "
+                           "they need --response icl")
+        if (self.unlabelled or self.unlabelled_file) and self.split != "train":
+            raise IA2Error("--unlabelled: only for --split train caches (the rows distill trains on)")
         if self.split not in ("train", "eval"):
             raise IA2Error(f"--split {self.split}: choose train or eval")
         if self.n_eval is not None and (self.split != "eval" or self.n_eval < 1):
@@ -181,10 +204,14 @@ class CollectResult:
     rows_computed: int = 0
     tokens_computed: int = 0
     manifest: dict[str, Any] = field(default_factory=dict)
+    plan: dict[str, Any] | None = None
+    """With ``CollectConfig.plan``: ``CollectPlan.to_dict()`` (status is then ``planned``)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("manifest")
+        if d["plan"] is None:
+            d.pop("plan")
         d["rows_per_s"] = round(self.rows_computed / self.seconds, 3) if self.seconds else None
         d["tokens_per_s"] = round(self.tokens_computed / self.seconds, 1) if self.seconds else None
         return d
@@ -221,8 +248,15 @@ def _resolve_t(config: CollectConfig, task: Task, tokenizer: Any) -> int:
 
 def _plan(config: CollectConfig, tokenizer: Any, info: Any, model_config: Any) -> _Plan:
     task = load_task(config.task, config.template, config.separator, config.eval_fraction)
+    queries, queries_hash = None, None
+    m = config.unlabelled
+    if config.unlabelled_file:
+        from ia2cache.tasks import load_unlabelled
+
+        queries, queries_hash = load_unlabelled(config.unlabelled_file)
+        m = m or len(queries)
     pairs = build_pairs(task, tokenizer, PromptConfig(n=config.n, k=config.k, seed=config.seed,
-                                                      dev=config.dev))
+                                                      dev=config.dev, unlabelled=m), queries)
     rows = pairs.rows
     if config.split == "eval":
         # Same k and the same N training rows as the train cache: the teacher that ICL evaluation
@@ -266,6 +300,8 @@ def _plan(config: CollectConfig, tokenizer: Any, info: Any, model_config: Any) -
     }
     if config.split == "eval":  # only then: train caches keep the keys they always had
         key_fields.update(split="eval", n_eval=len(rows))
+    if m:  # only then: caches without unlabelled rows keep their keys
+        key_fields.update(unlabelled=m, unlabelled_queries=queries_hash or "pool")
     key = cache_key(key_fields)
     manifest = {
         "model": {"name": info.name, "fingerprint": info.fingerprint,
@@ -276,12 +312,13 @@ def _plan(config: CollectConfig, tokenizer: Any, info: Any, model_config: Any) -
                       "separator": task.separator, "stop": task.stop,
                       "pool": len(task.pool), "eval": len(task.eval)},
         "n": config.n, "k": pairs.k, "seed": config.seed, "n_train": len(pairs.train),
-        "n_dev": len(pairs.dev), "sft_labels": _SFT_LABELS[t > 1],
+        "n_dev": len(pairs.dev), "n_unlabelled": len(pairs.unlabelled),
+        "distinct_unlabelled": pairs.distinct_unlabelled, "sft_labels": _SFT_LABELS[t > 1],
         "response": config.response, "max_new_tokens": t,
         "site": config.site, "layers": layers, "positions": config.positions,
         "position_slots": p_slots, "dtype": config.dtype, "topk_logits": config.topk_logits,
         "key_fields": key_fields,
-        "splits": {"0": "train", "1": "dev"},
+        "splits": {"0": "train", "1": "dev", **({"3": "unlabelled"} if m else {})},
         "pad": PAD,
         "how_to_read": _HOW_TO_READ,
     }
@@ -301,7 +338,8 @@ manifest sft_labels says). Activations: acts/<site>/layer_NNN[r, j] for
 j < positions_len[r] were taken at teacher position tokens/teacher_positions[r, j] of teacher prompt +
 response, and match student position tokens/student_positions[r, j] of student prompt + response.
 uint16 arrays with attribute logical_dtype=bfloat16 hold bf16 bits (view as bfloat16). Pads are -1
-(ints) or 0 (activations). rows/split: 0 train, 1 dev; rows/example_index and rows/demo_index index
+(ints) or 0 (activations). rows/split: 0 train, 1 dev, 3 unlabelled (no target; rows/example_index -1
+for rows of an --unlabelled-file); rows/example_index and rows/demo_index index
 the task pool (pool order as in the task files). logits/topk_values are the teacher's top-k
 next-token log-probabilities (log_softmax over the full vocabulary) at the aligned positions,
 logits/topk_ids their token ids.
@@ -361,6 +399,136 @@ def _array_specs(config: CollectConfig, rows: tuple[PromptPair, ...], t: int, la
     return specs
 
 
+# ----------------------------------------------------------------------------- plan before paying
+
+
+@dataclass(frozen=True)
+class CollectPlan:
+    """What a collect would compute and store, before any of it is paid for (``plan_collect``)."""
+
+    cache: str
+    key: str
+    status: str
+    """absent, partial or complete: the cache as it stands in the store now."""
+    rows: int
+    rows_to_compute: int
+    """Rows in the shards still missing (all rows for a new cache, 0 for a complete one)."""
+    position_slots: int
+    """Aligned positions stored per row (T, or query + T with query+response)."""
+    positions: int
+    """rows x position_slots: the activation vectors stored per layer (icl rows that stop early
+    pad theirs with zeros)."""
+    layers: int
+    hidden: int
+    dtype: str
+    teacher_tokens: int
+    """Prompt tokens the teacher reads over all rows (the response tokens come on top)."""
+    bytes_activations: int
+    bytes_on_disk: int
+    """Every array at its stored dtype, uncompressed: an upper bound (blosc-zstd saves ~1.35x on
+    bf16 activations, ~1.1x on fp16/fp32)."""
+    bytes_needed: int
+    """bytes_on_disk for the rows still to compute: what the store must have free."""
+    free_bytes: int | None
+    """Free space on the store's filesystem; None where it cannot be known (s3://, ...)."""
+    probe_rows: int = 0
+    probe_seconds: float | None = None
+    estimated_seconds: float | None = None
+    """probe_seconds x the micro-batches still to compute; None without --probe."""
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.free_bytes is None else self.bytes_needed <= self.free_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "fits": self.fits}
+
+
+def _free_bytes(store: Location) -> int | None:
+    """Free bytes on the filesystem a local store lives on (its nearest existing ancestor)."""
+    if not isinstance(store, Path):
+        return None
+    p = store.expanduser().absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def _row_bytes(specs: list[ArraySpec]) -> tuple[int, int]:
+    """(all arrays, activations only): bytes one row takes at the stored dtypes, uncompressed."""
+    total = acts = 0
+    for spec in specs:
+        b = int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+        total += b
+        acts += b if spec.path.startswith("acts/") else 0
+    return total, acts
+
+
+def _rows_to_compute(existing: Cache | None, n_rows: int) -> int:
+    if existing is None:
+        return n_rows
+    if existing.status == "complete":
+        return 0
+    return sum(b - a for a, b in map(existing.shard_rows, existing.missing_shards()))
+
+
+def _probe(config: CollectConfig, plan: _Plan, loaded: Any) -> tuple[int, float]:
+    """Time one micro-batch of median-length rows, as collect would run it."""
+    teacher = Teacher(loaded.model, loaded.tokenizer, config.site, plan.layers, config.topk_logits)
+    by_len = sorted(plan.rows, key=lambda p: len(p.teacher_ids))
+    mid = max(0, len(by_len) // 2 - config.batch_size // 2)
+    batch = by_len[mid : mid + config.batch_size]
+    t0 = time.perf_counter()
+    teacher.run(batch, plan.t, config.response, config.positions, plan.task.stop, plan.p_slots)
+    return len(batch), time.perf_counter() - t0
+
+
+def plan_collect(config: CollectConfig, loaded: Any | None = None) -> CollectPlan:
+    """What ``collect(config)`` would compute and store, without writing anything.
+
+    Reads the tokenizer and the model config only (no weights, no forward), unless
+    ``config.probe``: then the model is loaded (or ``loaded`` used) and one micro-batch is timed.
+    """
+    tok, info, model_config = _model_parts(config, loaded)
+    plan = _plan(config, tok, info, model_config)
+    store = config.store_path
+    path = store / plan.key
+    existing = Cache.open(path) if (path / "zarr.json").exists() else None
+    rows = len(plan.rows)
+    todo = _rows_to_compute(existing, rows)
+    row_bytes, act_bytes = _row_bytes(plan.specs)
+    probe_rows, probe_s, est = 0, None, None
+    if config.probe and todo:
+        loaded = loaded or load_model(config.model)
+        probe_rows, probe_s = _probe(config, plan, loaded)
+        est = round(probe_s * -(-todo // config.batch_size), 1)
+        probe_s = round(probe_s, 3)
+    return CollectPlan(
+        cache=str(path), key=plan.key, status=existing.status if existing else "absent", rows=rows,
+        rows_to_compute=todo, position_slots=plan.p_slots, positions=rows * plan.p_slots,
+        layers=len(plan.layers), hidden=plan.hidden, dtype=config.dtype,
+        teacher_tokens=sum(len(p.teacher_ids) for p in plan.rows),
+        bytes_activations=rows * act_bytes, bytes_on_disk=rows * row_bytes, bytes_needed=todo * row_bytes,
+        free_bytes=_free_bytes(store), probe_rows=probe_rows, probe_seconds=probe_s, estimated_seconds=est,
+    )
+
+
+def _check_room(store: Location, need: int, rows: int, config: CollectConfig) -> None:
+    """Refuse, before the cache is created, a collect whose store cannot hold it."""
+    free = _free_bytes(store)
+    if free is None or need <= free:
+        return
+    raise IA2Error(
+        f"--store {store}: the cache needs up to {need / 1e9:.2f} GB for {rows} rows at --dtype "
+        f"{config.dtype} (uncompressed) but its filesystem has {free / 1e9:.2f} GB free; free space, "
+        "pick another --store, or store less (--dtype bf16, --layers, --n, --max-new-tokens); "
+        "`ia2cache collect --plan` prints the sizes"
+    )
+
+
 # ----------------------------------------------------------------------------- teacher
 
 
@@ -375,6 +543,7 @@ class Teacher:
 
         self.model, self.tok = model, tokenizer
         self.nn = NNsight(model)
+        check_site(model, site)
         self.site = get_site(site)
         self.layers, self.topk = layers, topk
         self.forwards = 0
@@ -616,7 +785,8 @@ def _shard_data(plan: _Plan, config: CollectConfig, pairs: list[PromptPair],
     data["tokens/student_positions"] = _ragged([sp for _, sp in pos], plan.p_slots)
     data["tokens/positions_len"] = np.array([len(tp) for tp, _ in pos], dtype=np.int32)
     queries = pool_index if config.split == "train" else {e.id: i for i, e in enumerate(plan.task.eval)}
-    data["rows/example_index"] = np.array([queries[p.example_id] for p in pairs], dtype=np.int32)
+    # Rows of an --unlabelled-file index no pool example: PAD (-1).
+    data["rows/example_index"] = np.array([queries.get(p.example_id, PAD) for p in pairs], dtype=np.int32)
     data["rows/demo_index"] = _ragged(
         [[pool_index[d] for d in p.demo_ids] for p in pairs], width("rows/demo_index")
     )
@@ -656,13 +826,11 @@ def collect(config: CollectConfig, loaded: Any | None = None,
         Where the cache is, whether it was reused, and what the work cost.
     """
     t0 = time.perf_counter()
-    if loaded is not None:
-        tok, info, model_config = loaded.tokenizer, loaded.info, loaded.model.config
-    else:
-        from transformers import AutoConfig
-
-        tok, info = load_tokenizer(config.model)
-        model_config = AutoConfig.from_pretrained(info.path)
+    if config.plan:
+        planned = plan_collect(config, loaded)
+        return CollectResult(planned.cache, planned.key, planned.rows, False, "planned", 0,
+                             round(time.perf_counter() - t0, 3), plan=planned.to_dict())
+    tok, info, model_config = _model_parts(config, loaded)
     plan = _plan(config, tok, info, model_config)
     store = config.store_path
     path = store / plan.key
@@ -675,6 +843,8 @@ def collect(config: CollectConfig, loaded: Any | None = None,
                              existing.bytes_on_disk(), round(time.perf_counter() - t0, 3),
                              manifest=existing.manifest)
     _check_store_writable(store)  # only now: a complete cache on a read-only store is reused
+    todo = _rows_to_compute(existing, len(plan.rows))
+    _check_room(store, todo * _row_bytes(plan.specs)[0], todo, config)
     # A shard never holds more rows than the cache (rounded up to whole chunks).
     wanted = min(config.shard_rows, -(-len(plan.rows) // config.chunk_rows) * config.chunk_rows)
     rows_per_shard = existing.rows_per_shard if existing else wanted
@@ -772,6 +942,16 @@ def collect(config: CollectConfig, loaded: Any | None = None,
     return CollectResult(str(path), plan.key, cache.n_rows, False, cache.status,
                          cache.bytes_on_disk(), seconds, n_shards, rows_computed, tokens,
                          manifest=cache.manifest)
+
+
+def _model_parts(config: CollectConfig, loaded: Any | None) -> tuple[Any, Any, Any]:
+    """(tokenizer, ModelInfo, model config): from ``loaded``, else without loading the weights."""
+    if loaded is not None:
+        return loaded.tokenizer, loaded.info, loaded.model.config
+    from transformers import AutoConfig
+
+    tok, info = load_tokenizer(config.model)
+    return tok, info, AutoConfig.from_pretrained(info.path)
 
 
 def _check_store_writable(store: Location) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from ia2cache.adapters import ADAPTERS, AdapterSpec, attach, position_offset
 from ia2cache.errors import IA2Error
 from ia2cache.loader import Batch, CacheLoader, LoaderConfig
 from ia2cache.models import LoadedModel, home, load_model
-from ia2cache.objectives import OBJECTIVES, SCHEDULES, act_loss, tna_loss, tok_loss, tokl_loss
+from ia2cache.objectives import OBJECTIVES, SCHEDULES, Mix, Objective, StudentOut, Targets
 from ia2cache.outputs import (
     LOCK,
     OutputLock,
@@ -318,36 +319,79 @@ class _Run:
     """c in tna = (1-w)*c*act + w*tok: tok/act on the training rows at step 0."""
     loop_seconds: float = 0.0
     """Wall time inside the training loops (steps plus waiting for data)."""
+    step: Any = None
+    """The training loss as a module (:class:`_Step`), wrapped in DistributedDataParallel under
+    torchrun: what a training step calls."""
 
     @property
     def steps_per_epoch(self) -> int:
         return max(1, math.ceil(len(self.train) / self.config.grad_accum))
 
 
+class _Step(torch.nn.Module):
+    """One batch's training loss as a module, so that DistributedDataParallel can wrap it.
+
+    DDP finds the parameters a step did not use by walking back from the forward's output; the
+    student's own output (logits) depends on every layer, while the act loss reads hooks at the
+    aligned layers and may stop the forward early. Returning the loss itself makes DDP see exactly
+    the parameters the loss used (``find_unused_parameters`` covers the adapter's layers above
+    the last aligned one)."""
+
+    def __init__(self, run: _Run) -> None:
+        super().__init__()
+        self.student = run.model  # registered: DDP syncs and reduces its parameters
+        self._run = [run]  # not a submodule
+
+    def forward(self, batch: Batch, objective: str) -> torch.Tensor:
+        return _losses(self._run[0], batch, objective)
+
+
+def _wrap_step(run: _Run) -> Any:
+    """The step module, in DDP under torchrun (its construction broadcasts rank 0's weights,
+    e.g. a resumed checkpoint's, to every rank)."""
+    step = _Step(run)
+    if distributed.world_size() == 1:
+        return step
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [run.device.index] if run.device.type == "cuda" and run.device.index is not None else None
+    return DistributedDataParallel(step, device_ids=ids, find_unused_parameters=True)
+
+
 def _act_source(cache: Cache) -> str:
     return "icl" if cache.manifest.get("response") == "icl" else "target"
 
 
+def _objective(run: _Run, name: str) -> Objective:
+    """The registered objective ``name``, built with this run's settings (the per-layer variances
+    of ``--normalize``, tna's weight and its step-0 scale)."""
+    cls = OBJECTIVES[name]
+    settings = {"variances": run.variances, "weight": run.config.tna_weight,
+                "scale": run.tna_scale if run.tna_scale is not None else 1.0}
+    wanted = inspect.signature(cls).parameters
+    return cls(**{k: v for k, v in settings.items() if k in wanted})
+
+
 def _losses(run: _Run, batch: Batch, objective: str) -> torch.Tensor:
-    """The loss of one batch under one objective (a registered ``OBJECTIVES`` entry)."""
-    parts = _loss_parts(run, batch, objective)
-    if objective == "tna":
-        scale = run.tna_scale if run.tna_scale is not None else 1.0
-        return tna_loss(parts["act"] * scale, parts["tok"], run.config.tna_weight)
-    return parts[objective]
+    """The loss of one batch under one registered objective."""
+    obj = _objective(run, objective)
+    return obj.loss(*_student_out(run, batch, obj))
 
 
-def _loss_parts(run: _Run, batch: Batch, objective: str) -> dict[str, torch.Tensor]:
-    """The terms an objective is made of (``act``, ``tok``, ``tokl``), from as few forwards as
-    possible."""
-    obj = OBJECTIVES[objective]
+def _student_out(run: _Run, batch: Batch, obj: Objective) -> tuple[StudentOut, Targets]:
+    """One batch through the student, with what ``obj`` needs, from as few forwards as possible:
+    the act sequence (prompt + the response the teacher's activations were taken on) carries the
+    captures and, when it is also the tok sequence, the logits; the forward stops after the last
+    aligned layer when no logits are needed."""
     cfg, dev = run.config, run.device
     act_src = _act_source(run.cache)
     tok_src = "icl" if cfg.labels == "icl" else "target"
-    bi = torch.arange(len(batch.rows), device=dev)[:, None]
-    losses: dict[str, torch.Tensor] = {}
+    pad = run.tokenizer.pad_token_id
+    out = StudentOut()
+    tgt = Targets(mask=batch.position_mask.to(dev))
+    tok_seq: _Seq | None = None
     if obj.needs_acts or obj.needs_topk:
-        act_seq = _sequence(batch, act_src, run.tokenizer.pad_token_id, dev)
+        act_seq = _sequence(batch, act_src, pad, dev)
         # With T=1 (or ICL labels) the tok sequence is this very sequence: one forward serves both.
         share = obj.needs_logits and not obj.needs_topk and (
             tok_src == act_src or int(batch.response_len.max()) == 1 == int(batch.target_len.max()))
@@ -355,31 +399,30 @@ def _loss_parts(run: _Run, batch: Batch, objective: str) -> dict[str, torch.Tens
         run.capture.on = obj.needs_acts
         run.capture.stop_at = run.layers[-1] if not want_logits else None
         pos = batch.student_positions.to(dev) + run.offset
-        pmask = batch.position_mask.to(dev)
-        logits_at = pos if obj.needs_topk else act_seq.label_pos + run.offset
         try:
-            out = _forward(run, act_seq, logits_at if want_logits else None)
+            logits = _forward(run, act_seq, (pos if obj.needs_topk else act_seq.label_pos + run.offset)
+                              if want_logits else None)
         except _StopForward:
-            out = None
+            logits = None
         run.capture.on = False
         if obj.needs_acts:
-            student = {i: run.capture.out[i][bi, pos] for i in run.layers}
-            teacher = {i: batch.acts[i].to(dev).float() for i in run.layers}
-            losses["act"] = act_loss(student, teacher, pmask, run.variances)
+            bi = torch.arange(len(batch.rows), device=dev)[:, None]
+            out.acts = {i: run.capture.out[i][bi, pos] for i in run.layers}
+            tgt.acts = {i: batch.acts[i].to(dev).float() for i in run.layers}
         if obj.needs_topk:
-            assert out is not None
-            losses["tokl"] = tokl_loss(out, batch.topk_values.to(dev), batch.topk_ids.to(dev), pmask)
-        if share:
-            assert out is not None
+            out.topk_logits = logits
+            tgt.topk_values, tgt.topk_ids = batch.topk_values.to(dev), batch.topk_ids.to(dev)
+        elif share:
             # Shared only when the tok sequence is this one, or both are one token long (then the
             # ids and positions agree and only the labels may differ: gold vs the teacher's).
-            pad = run.tokenizer.pad_token_id
-            seq = act_seq if tok_src == act_src else _sequence(batch, tok_src, pad, dev)
-            losses["tok"] = tok_loss(out, seq.labels, seq.label_mask)
-    if obj.needs_logits and not obj.needs_topk and "tok" not in losses:
-        seq = _sequence(batch, tok_src, run.tokenizer.pad_token_id, dev)
-        losses["tok"] = tok_loss(_forward(run, seq, seq.label_pos + run.offset), seq.labels, seq.label_mask)
-    return losses
+            out.logits = logits
+            tok_seq = act_seq if tok_src == act_src else _sequence(batch, tok_src, pad, dev)
+    if obj.needs_logits and not obj.needs_topk and tok_seq is None:
+        tok_seq = _sequence(batch, tok_src, pad, dev)
+        out.logits = _forward(run, tok_seq, tok_seq.label_pos + run.offset)
+    if tok_seq is not None:
+        tgt.labels, tgt.label_mask = tok_seq.labels, tok_seq.label_mask
+    return out, tgt
 
 
 def _forward(run: _Run, seq: _Seq, logits_at: torch.Tensor | None) -> torch.Tensor | None:
@@ -405,8 +448,10 @@ def _tna_scale(run: _Run) -> float:
     sums = {"act": 0.0, "tok": 0.0}
     n = 0
     run.train.set_epoch(0)
+    mix = _objective(run, "tna")
+    assert isinstance(mix, Mix)
     for batch in run.train:
-        parts = _loss_parts(run, batch, "tna")
+        parts = mix.terms(*_student_out(run, batch, mix))
         rows = len(batch.rows)
         for k in sums:
             sums[k] += float(parts[k]) * rows
@@ -544,8 +589,7 @@ def _resume(run: _Run) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, 
     meta = distributed.rank0_call(meta_of_rank0)
     run.history, run.initial, run.phases, run.tna_scale = distributed.broadcast_object(
         [run.history, run.initial, run.phases, run.tna_scale])
-    distributed.broadcast_params(list(_trainable(run.model).values()))
-    if meta is None:
+    if meta is None:  # rank 0's adapter weights reach every rank when DDP wraps the step
         return None
     _, best, optim = read.get("ckpt") or (None, None, None)
     if meta["has_best"]:
@@ -603,8 +647,7 @@ def _setup(config: DistillConfig, loaded: LoadedModel | None) -> _Run:
     for p in loaded.model.parameters():
         p.requires_grad_(False)
     aspec = AdapterSpec(config.lora_r, config.lora_alpha, config.target_modules, config.num_virtual_tokens)
-    model = attach(loaded.model, config.adapter, aspec)
-    distributed.broadcast_params(list(_trainable(model).values()))  # same start on every rank
+    model = attach(loaded.model, config.adapter, aspec)  # every rank gets rank 0's start from DDP
     micro = config.batch_size // config.grad_accum
     common = dict(batch_size=micro, layers=tuple(layers), seed=config.seed, skip_damaged=config.skip_damaged)
     checks = dict(model_info=loaded.info, allow_model_mismatch=config.allow_model_mismatch,
@@ -680,21 +723,25 @@ def _train_phase(run: _Run, phase: int, objective: str, lr: float, state: dict[s
         run.model.train()
         opt.zero_grad(set_to_none=True)
         for batch in run.train:
-            loss = _losses(run, batch, objective)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise _diverged(run, phase, objective, step + 1, lr, value)
-            # This rank's share of the global batch, weighted so that the rank-averaged gradient
-            # is the gradient of the global batch's mean loss (weight 1 with equal shares).
-            share = len(batch.rows) * distributed.world_size() / batch.global_rows
-            (loss * share / cfg.grad_accum).backward()
+            end_of_epoch = run.train.position == len(run.train)
+            sync = acc + 1 >= cfg.grad_accum or end_of_epoch  # the last micro-batch of a step
+            # DDP reduces gradients in the last micro-batch's backward only (no_sync before).
+            ddp = hasattr(run.step, "no_sync")
+            quiet = run.step.no_sync() if not sync and ddp else contextlib.nullcontext()
+            with quiet:
+                loss = run.step(batch, objective)
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise _diverged(run, phase, objective, step + 1, lr, value)
+                # This rank's share of the global batch, weighted so that the rank-averaged
+                # gradient is the gradient of the global batch's mean loss (1 with equal shares).
+                share = len(batch.rows) * distributed.world_size() / batch.global_rows
+                (loss * share / cfg.grad_accum).backward()
             since += value * len(batch.rows)
             since_rows += len(batch.rows)
             acc += 1
-            end_of_epoch = run.train.position == len(run.train)
-            if acc < cfg.grad_accum and not end_of_epoch:
+            if not sync:
                 continue
-            distributed.all_reduce_grads(params)
             opt.step()
             opt.zero_grad(set_to_none=True)
             acc = 0
@@ -832,6 +879,7 @@ def _distill(config: DistillConfig, loaded: LoadedModel | None, progress: Progre
     elif config.first_phase_from:
         _take_first_phase(run)
         state = {"phase": 1, "step": 0}
+    run.step = _wrap_step(run)  # under torchrun: DDP, which broadcasts rank 0's weights now
     for i in range(int(state["phase"]), len(phases)):
         fresh = i != state["phase"]
         run.phases.append(_train_phase(run, i, phases[i], lrs[i], {"phase": i, "step": 0} if fresh else state,

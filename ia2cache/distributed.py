@@ -1,33 +1,7 @@
-"""Rank, world and collective helpers for runs launched by ``torchrun``.
-
-``torchrun --nproc-per-node=2 -m ia2cache.cli collect ...`` starts one process per rank with
-``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` set. Every
-helper here is a no-op in a plain single process (``WORLD_SIZE`` unset or 1), so the library
-and the CLI behave exactly as before there. The process group is initialised lazily, only when
-``WORLD_SIZE > 1``. Without CUDA it uses ``gloo``. With CUDA each rank first binds its own GPU,
-``cuda:LOCAL_RANK`` (:func:`device`, also the default device of ``models.load_model``), and the
-group is ``cpu:gloo,cuda:nccl``: each collective runs on the device of its tensor, NCCL for
-CUDA gradients and parameters, gloo for the small CPU messages (objects, sums, barriers).
-
-Nothing crosses between ranks as pickle: :func:`broadcast_object` sends JSON bytes in a uint8
-tensor (length first), :func:`broadcast_tensors` a safetensors buffer.
-
-Failures: a step only rank 0 performs (create the cache, take its lock, read a checkpoint) runs
-through :func:`rank0_call`, which sends the other ranks either its result or its error, so every
-rank fails together instead of waiting. A rank that fails on its own (a shard refused for NaN,
-a full disk) raises and exits non-zero at once; torchrun's agent sees the failed worker and
-stops the others (SIGTERM) within seconds, so no rank waits ``TIMEOUT_S`` at a barrier. Without
-torchrun's agent (other launchers), the others fail at ``TIMEOUT_S``.
-
-How collect uses it: rank 0 creates (or resumes) the cache, takes the cache lock and lists the
-missing shards; it broadcasts that list (or the error that stopped it); rank ``r`` writes the
-missing shards ``r, r+W, ...`` of that list, whole shards only; after a barrier rank 0 marks
-the cache complete, and a last barrier lets every rank return the finished cache.
-
-How distill uses it: every rank holds the whole adapter; each global batch is split across
-ranks by the loader (rank ``r`` takes rows ``r, r+W, ...`` of the batch); gradients are summed
-with one ``all_reduce`` per optimizer step; only rank 0 writes checkpoints, the adapter and
-``run.json``.
+"""Rank, world and collective helpers for runs launched by ``torchrun``; every one is a no-op in
+a plain single process (``WORLD_SIZE`` unset or 1). Nothing crosses between ranks as pickle. How
+collect and distill use them, the backends, and what happens when a rank fails:
+``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -37,7 +11,7 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -46,17 +20,14 @@ import torch
 from ia2cache.errors import IA2Error
 
 __all__ = [
-    "all_reduce_grads",
     "all_reduce_sum",
     "barrier",
     "broadcast_object",
-    "broadcast_params",
     "broadcast_tensors",
     "device",
     "init",
     "is_main",
     "local_rank",
-    "main_holds",
     "my_share",
     "rank",
     "rank0_call",
@@ -153,7 +124,7 @@ def init() -> bool:
         if missing:
             raise IA2Error(
                 f"WORLD_SIZE={world_size()} but {', '.join(missing)} is not set: launch with "
-                "`torchrun --nproc-per-node=N -m ia2cache.cli ...`"
+                "`torchrun --nproc-per-node=N -m cli ...`"
             )
         backend = _backend()
         dev = device()
@@ -242,48 +213,6 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def all_reduce_grads(params: list[torch.Tensor]) -> None:
-    """Average the gradients of ``params`` over the ranks, in place, with one flat ``all_reduce``
-    (what DistributedDataParallel does, bucketed into a single buffer).
-
-    A parameter without a gradient on this rank counts as zeros (and gets one), so every rank
-    takes part in the same collective. Alone it does nothing.
-    """
-    if not init():
-        return
-    import torch.distributed as dist
-
-    if not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    # One buffer on the parameters' device: NCCL reduces CUDA gradients, gloo CPU ones.
-    flat = torch.cat([g.detach().reshape(-1).to(params[0].device, torch.float32) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world_size()
-    i = 0
-    for p, g in zip(params, grads, strict=True):
-        n = g.numel()
-        new = flat[i : i + n].view_as(g).to(g.device, g.dtype)
-        if p.grad is None:
-            p.grad = new.clone()
-        else:
-            p.grad.copy_(new)
-        i += n
-
-
-def broadcast_params(params: list[torch.Tensor], src: int = 0) -> None:
-    """Copy rank ``src``'s values of ``params`` to every rank (as DDP does at start)."""
-    if not init():
-        return
-    import torch.distributed as dist
-
-    with torch.no_grad():
-        for p in params:  # on the parameter's own device: NCCL for CUDA, gloo for CPU
-            buf = p.detach().contiguous().clone()
-            dist.broadcast(buf, src=src)
-            p.copy_(buf)
-
-
 def my_share(items: Sequence[T]) -> list[T]:
     """This rank's items: ``items[rank::world]`` (all of them in a single process)."""
     return list(items[rank() :: world_size()])
@@ -318,21 +247,3 @@ def rank0_call(fn: Callable[[], T]) -> T:
     if "error" in box:
         raise IA2Error(box["error"])
     return box["ok"]
-
-
-@contextlib.contextmanager
-def main_holds(make_lock: Callable[[], contextlib.AbstractContextManager[Any]]) -> Iterator[None]:
-    """Rank 0 holds ``make_lock()`` for the whole block; the other ranks only wait for it.
-
-    The cache lock keeps a second *job* out; the ranks of one job are told apart by the shards
-    they own, so they must not each try the lock (they would lock each other out). If rank 0
-    cannot take the lock (or fails any other way doing so), every rank raises an
-    :class:`IA2Error` with its message, so none waits forever.
-    """
-    with contextlib.ExitStack() as stack:
-
-        def take() -> None:
-            stack.enter_context(make_lock())
-
-        rank0_call(take)
-        yield

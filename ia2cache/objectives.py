@@ -1,15 +1,20 @@
 """Training objectives: IA2's activation alignment and the token-level baselines.
 
-Each objective is a pure function of tensors gathered at aligned positions, and is registered
-in ``OBJECTIVES`` with what its forward pass must provide. ``SCHEDULES`` maps each ``--method``
-onto its phases: ``a2t`` (the paper's headline IA2 -> SFT) trains ``act`` and then continues the
-same adapter with ``tok`` under a fresh optimizer.
+An objective is a registered class (``OBJECTIVES``, name -> class) that says what the student
+forward must give it (``needs_acts``, ``needs_logits``, ``needs_topk``) and computes its loss
+from a :class:`StudentOut` (what the student produced, at the aligned and label positions) and
+:class:`Targets` (what the batch asks for). ``distill`` builds one per phase, runs the forward
+that its needs call for, and backpropagates ``loss``. A new objective is a class added here.
+``SCHEDULES`` maps each ``--method`` onto its phases: ``a2t`` (the paper's headline IA2 -> SFT)
+trains ``act`` and then continues the same adapter with ``tok`` under a fresh optimizer.
+
+This module imports torch only (an import-linter contract).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -68,28 +73,111 @@ def tokl_loss(
 
 
 def tna_loss(act: torch.Tensor, tok: torch.Tensor, weight: float) -> torch.Tensor:
-    """IA2 + SFT at once: ``(1 - w) * act + w * tok``."""
+    """IA2 + SFT at once: ``(1 - w) * act + w * tok`` (``act`` already scaled, see :class:`Mix`)."""
     return (1.0 - weight) * act + weight * tok
 
 
-@dataclass(frozen=True)
+# ----------------------------------------------------------------------------- the registry
+
+
+@dataclass
+class StudentOut:
+    """What one student forward produced, gathered where the objectives read it."""
+
+    acts: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per aligned layer, the site's output at the aligned positions (B, P, H)."""
+    logits: torch.Tensor | None = None
+    """Logits at the label positions (B, T, V), for tok."""
+    topk_logits: torch.Tensor | None = None
+    """Logits at the aligned positions (B, P, V), for tokl."""
+
+
+@dataclass
+class Targets:
+    """What a batch asks of the student, on the training device."""
+
+    mask: torch.Tensor
+    """(B, P): which aligned positions are real."""
+    acts: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Per aligned layer, the teacher's activations (B, P, H), float."""
+    labels: torch.Tensor | None = None
+    """(B, T) token labels (gold, or the teacher's responses with ``--labels icl``)."""
+    label_mask: torch.Tensor | None = None
+    """(B, T): which labels are real."""
+    topk_values: torch.Tensor | None = None
+    """(B, P, K) the teacher's top-k log-probs."""
+    topk_ids: torch.Tensor | None = None
+    """(B, P, K) their token ids."""
+
+
 class Objective:
-    name: str
-    description: str
-    needs_acts: bool
-    needs_logits: bool
-    needs_topk: bool = False
+    """A training objective; subclasses set the ``needs_*`` flags and ``loss``."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    needs_acts: ClassVar[bool] = False
+    """The forward must capture the site outputs of the aligned layers."""
+    needs_logits: ClassVar[bool] = False
+    """The forward must give logits at the label positions."""
+    needs_topk: ClassVar[bool] = False
+    """The forward must give logits at the aligned positions, and the cache its top-k."""
+
+    def loss(self, out: StudentOut, tgt: Targets) -> torch.Tensor:
+        raise NotImplementedError
 
 
-OBJECTIVES: dict[str, Objective] = {
-    o.name: o
-    for o in (
-        Objective("act", "IA2: masked MSE to the teacher's activations, summed over layers", True, False),
-        Objective("tok", "SFT: cross-entropy on the response (gold or ICL labels)", False, True),
-        Objective("tokl", "KL to the teacher's cached top-k next-token distribution", False, True, True),
-        Objective("tna", "(1-w)*act + w*tok in one objective", True, True),
-    )
-}
+class Act(Objective):
+    name, description = "act", "IA2: masked MSE to the teacher's activations, summed over layers"
+    needs_acts = True
+
+    def __init__(self, variances: dict[int, float] | None = None) -> None:
+        self.variances = variances
+        """Per-layer teacher variances (``--normalize``), or None."""
+
+    def loss(self, out: StudentOut, tgt: Targets) -> torch.Tensor:
+        return act_loss(out.acts, tgt.acts, tgt.mask, self.variances)
+
+
+class Tok(Objective):
+    name, description = "tok", "SFT: cross-entropy on the response (gold or ICL labels)"
+    needs_logits = True
+
+    def loss(self, out: StudentOut, tgt: Targets) -> torch.Tensor:
+        assert out.logits is not None and tgt.labels is not None and tgt.label_mask is not None
+        return tok_loss(out.logits, tgt.labels, tgt.label_mask)
+
+
+class TopKL(Objective):
+    name, description = "tokl", "KL to the teacher's cached top-k next-token distribution"
+    needs_logits, needs_topk = True, True
+
+    def loss(self, out: StudentOut, tgt: Targets) -> torch.Tensor:
+        assert out.topk_logits is not None and tgt.topk_values is not None and tgt.topk_ids is not None
+        return tokl_loss(out.topk_logits, tgt.topk_values, tgt.topk_ids, tgt.mask)
+
+
+class Mix(Objective):
+    """``(1-w)*c*act + w*tok``: ``c`` is tok/act on the training rows at the phase's start (set by
+    distill through :meth:`terms`), so that ``w=0.5`` weighs both halves equally at step 0."""
+
+    name, description = "tna", "(1-w)*c*act + w*tok in one objective, both halves equal at step 0"
+    needs_acts, needs_logits = True, True
+
+    def __init__(self, weight: float, variances: dict[int, float] | None = None, scale: float = 1.0) -> None:
+        self.weight, self.scale = weight, scale
+        self._act, self._tok = Act(variances), Tok()
+
+    def terms(self, out: StudentOut, tgt: Targets) -> dict[str, torch.Tensor]:
+        """The two halves, unweighted."""
+        return {"act": self._act.loss(out, tgt), "tok": self._tok.loss(out, tgt)}
+
+    def loss(self, out: StudentOut, tgt: Targets) -> torch.Tensor:
+        t = self.terms(out, tgt)
+        return tna_loss(t["act"] * self.scale, t["tok"], self.weight)
+
+
+OBJECTIVES: dict[str, type[Objective]] = {cls.name: cls for cls in (Act, Tok, TopKL, Mix)}
+"""``objective name -> class``; ``distill`` builds one per phase with the run's settings."""
 
 SCHEDULES: dict[str, tuple[str, ...]] = {
     "act": ("act",),
@@ -100,5 +188,3 @@ SCHEDULES: dict[str, tuple[str, ...]] = {
     "t2a": ("tok", "act"),
 }
 """``--method`` -> phases; each phase trains to early stopping with a fresh optimizer."""
-
-LossFn = Callable[..., torch.Tensor]

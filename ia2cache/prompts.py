@@ -32,12 +32,13 @@ SEED_LIMIT = 2**32
 ICL_DEMOS = ("train", "pool")
 """Where ICL evaluation draws demos: the N training rows (the teacher, the default) or the pool."""
 
-Split = Literal["train", "dev", "eval"]
+Split = Literal["train", "dev", "eval", "unlabelled"]
 PositionsMode = Literal["response", "query+response"]
 POSITION_MODES: tuple[str, ...] = ("response", "query+response")
 
 # Independent random streams, so that adding dev rows never changes train rows' demos.
-_STREAM_SELECT, _STREAM_TRAIN, _STREAM_DEV, _STREAM_EVAL = 0, 1, 2, 3
+_STREAM_SELECT, _STREAM_TRAIN, _STREAM_DEV, _STREAM_EVAL, _STREAM_UNLABELLED = 0, 1, 2, 3, 4
+UNLABELLED_MAX = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class PromptConfig:
     dev: int = DEFAULT_DEV
     """Dev rows D: further pool examples (disjoint from train and eval) that choose the learning
     rate and the stopping step; extra labelled data, reported as "N train + D dev"."""
+    unlabelled: int = 0
+    """M unlabelled teacher rows: queries whose targets are never read, each with k demos drawn
+    from the N labelled rows; only the activation (IA2) phases train on them."""
 
     def __post_init__(self) -> None:
         if self.n < 2:
@@ -65,6 +69,8 @@ class PromptConfig:
         check_seed(self.seed)
         if not 1 <= self.dev <= 100_000:
             raise IA2Error(f"--dev {self.dev}: must be between 1 and 100000 rows")
+        if isinstance(self.unlabelled, bool) or not 0 <= self.unlabelled <= UNLABELLED_MAX:
+            raise IA2Error(f"--unlabelled {self.unlabelled}: must be between 0 and {UNLABELLED_MAX} rows")
         if self.k is not None and self.k > max(self.n - 1, 0):
             raise IA2Error(
                 f"--k {self.k}: at most N-1 = {self.n - 1} demos exist for each of the "
@@ -109,6 +115,8 @@ class PromptPair:
     def label_ids(self, t: int) -> tuple[int, ...]:
         """Gold SFT labels for responses of up to ``t`` tokens: the target, then, when ``t > 1``,
         the stop ids, as the teacher's own responses end; so SFT learns to stop."""
+        if not self.target_ids:  # an unlabelled row: no labels at all
+            return ()
         return self.target_ids + self.stop_ids if t > 1 else self.target_ids
 
     @property
@@ -141,10 +149,15 @@ class PairSet:
     seed: int
     train: tuple[PromptPair, ...]
     dev: tuple[PromptPair, ...]
+    unlabelled: tuple[PromptPair, ...] = ()
+    distinct_unlabelled: int = 0
+    """How many different queries the unlabelled rows hold (they cycle when M exceeds them)."""
 
     @property
     def rows(self) -> tuple[PromptPair, ...]:
-        return self.train + self.dev
+        """Train rows, then unlabelled rows, then dev rows: train and unlabelled rows are one
+        contiguous range (what the activation phases read), dev rows follow."""
+        return self.train + self.unlabelled + self.dev
 
     def digest(self) -> str:
         """sha256 over every row's ids: equal digests mean identical rows."""
@@ -215,7 +228,8 @@ def make_pair(
         demo_ids=tuple(d.id for d in demos),
         teacher_ids=enc.prefix + demo_ids + query_ids,
         student_ids=enc.prefix + query_ids,
-        target_ids=enc(" " + query.target),
+        # An unlabelled row has no target: nothing of one is stored, so nothing can read it.
+        target_ids=enc(" " + query.target) if split != "unlabelled" else (),
         stop_ids=enc(task.stop) if task.stop else enc.eos,
         query_start=len(enc.prefix) + len(demo_ids),
         prefix_len=len(enc.prefix),
@@ -223,17 +237,22 @@ def make_pair(
     )
 
 
-def build_pairs(task: Task, tokenizer: Any, config: PromptConfig) -> PairSet:
-    """Train and dev rows for one few-shot run.
+def build_pairs(task: Task, tokenizer: Any, config: PromptConfig,
+                unlabelled_queries: list[Example] | None = None) -> PairSet:
+    """Train, unlabelled and dev rows for one few-shot run.
 
     The seed picks N train examples from the pool, then the next D (``config.dev``, at most what
     the pool has left) as dev. Each train row's k demos come from the *other* train examples;
-    each dev row's from the train examples.
+    each dev row's and each unlabelled row's from the train examples. The M unlabelled rows'
+    queries are ``unlabelled_queries`` (a user's file), else the pool examples after train and
+    dev in the seed's order (their targets are never used); when M exceeds the queries there
+    are, they repeat in that order, each row with its own demos.
 
     Args:
         task: the task (``ia2cache.tasks.load_task``).
         tokenizer: the model's tokenizer.
-        config: N, k and the data seed.
+        config: N, k, D, M and the data seed.
+        unlabelled_queries: the inputs of an unlabelled file (targets empty).
     """
     n, k, seed = config.n, config.k_effective, config.seed
     pool = task.pool
@@ -242,20 +261,34 @@ def build_pairs(task: Task, tokenizer: Any, config: PromptConfig) -> PairSet:
     if n_dev < 1:
         raise IA2Error(f"--n {n}: task {task.name!r} has {len(pool)} pool examples, none left for dev rows")
     enc = _Encoder(tokenizer)
-    dev_idx = _rng(seed, _STREAM_SELECT, 0).permutation(len(pool))[n : n + n_dev]
-    rows: list[PromptPair] = []
+    order = _rng(seed, _STREAM_SELECT, 0).permutation(len(pool))
+    dev_idx = order[n : n + n_dev]
+    train: list[PromptPair] = []
     for i, ex_i in enumerate(train_idx):
         others = np.delete(train_idx, i)
         pick = _rng(seed, _STREAM_TRAIN, i).choice(len(others), size=k, replace=False)
-        rows.append(make_pair(task, enc, i, "train", pool[ex_i], [pool[others[j]] for j in pick]))
+        train.append(make_pair(task, enc, i, "train", pool[ex_i], [pool[others[j]] for j in pick]))
+    m = config.unlabelled
+    if unlabelled_queries is not None:
+        queries = list(unlabelled_queries)
+    else:  # pool examples after train and dev; their targets are dropped here, never stored
+        queries = [Example(pool[x].id, pool[x].input, "") for x in order[n + n_dev:]]
+    if m and not queries:
+        raise IA2Error(f"--unlabelled {m}: task {task.name!r} has no pool example left after N={n} train and "
+                       f"{n_dev} dev rows; give --unlabelled-file")
+    unlabelled: list[PromptPair] = []
+    for j in range(m):  # rows N..N+M-1: the act phases read rows 0..N+M-1 as one range
+        pick = _rng(seed, _STREAM_UNLABELLED, j).choice(n, size=k, replace=False)
+        query = queries[j % len(queries)]
+        unlabelled.append(make_pair(task, enc, n + j, "unlabelled", query,
+                                    [pool[train_idx[x]] for x in pick]))
+    dev: list[PromptPair] = []
     for j, ex_j in enumerate(dev_idx):
         pick = _rng(seed, _STREAM_DEV, j).choice(n, size=k, replace=False)
-        demos = [pool[train_idx[m]] for m in pick]
-        rows.append(make_pair(task, enc, n + j, "dev", pool[ex_j], demos))
-    return PairSet(
-        task=task.name, n=n, k=k, seed=seed,
-        train=tuple(rows[:n]), dev=tuple(rows[n:]),
-    )
+        demos = [pool[train_idx[x]] for x in pick]
+        dev.append(make_pair(task, enc, n + m + j, "dev", pool[ex_j], demos))
+    return PairSet(task=task.name, n=n, k=k, seed=seed, train=tuple(train), dev=tuple(dev),
+                   unlabelled=tuple(unlabelled), distinct_unlabelled=min(m, len(queries)))
 
 
 def train_indices(task: Task, n: int, seed: int) -> np.ndarray:

@@ -94,10 +94,12 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, dict[
 
 
 def paired(rows: list[dict[str, Any]], method: str, baseline: str, metric: str,
-           task: str, n: int) -> dict[str, Any] | None:
+           task: str, n: int, m: int = 0) -> dict[str, Any] | None:
     """(method - baseline) per seed for one task and N: the seeds, the mean, the 95% bootstrap CI
-    and win/tie/loss; None when no seed has both."""
-    by = {(r["method"], r["seed"]): r.get(metric) for r in rows if r["task"] == task and r["n"] == n}
+    and win/tie/loss; None when no seed has both. ``m``: the method's rows with M unlabelled
+    rows (the baseline's are always M=0's: it reads none)."""
+    by = {(r["method"], r["seed"]): r.get(metric) for r in rows if r["task"] == task and r["n"] == n
+          and r.get("unlabelled", 0) == (m if r["method"] == method else 0)}
     seeds = sorted(s for (m, s), v in by.items() if m == method and v is not None
                    and by.get((baseline, s)) is not None)
     if not seeds:
@@ -346,6 +348,82 @@ def _reliability(preds: Path, task: str, folder: Path, plt: Any, n_bins: int = 1
     return path
 
 
+def unlabelled_section(rows: list[dict[str, Any]],
+                       folder: Path) -> tuple[str, list[dict[str, Any]], list[Path]]:
+    """IA2 with M unlabelled queries: the paired a2t − tok (and act − ICL) table against M, and
+    accuracy and ECE against M for a2t and act, with tok and ICL (M=0 only) as horizontal lines."""
+    lines = ["## IA2 on unlabelled queries\n"]
+    stats: list[dict[str, Any]] = []
+    pngs: list[Path] = []
+    for task in sorted({r["task"] for r in rows if r.get("unlabelled", 0)}):
+        mine = [r for r in rows if r["task"] == task]
+        ns = sorted({r["n"] for r in mine if r.get("unlabelled", 0)})
+        ms = sorted({r.get("unlabelled", 0) for r in mine})
+        distinct = {r.get("unlabelled", 0): r.get("distinct_unlabelled") for r in mine
+                    if r.get("distinct_unlabelled") is not None}
+        for method, base in (("a2t", "tok"), ("act", "icl")):
+            lines.append(f"**{task}: {COLUMNS[method]} with M unlabelled rows − {COLUMNS[base]}, paired "
+                         f"over seeds** ({_data_note(rows, task)}; the baseline reads no unlabelled rows; "
+                         "95% bootstrap CI; W/T/L)\n")
+            lines.append("| N | M (distinct queries) | seeds | Δ accuracy [95% CI] | W/T/L | "
+                         "Δ ECE [95% CI] | W/T/L |")
+            lines.append("|---|---|---|---|---|---|---|")
+            for n in ns:
+                for m in ms:
+                    acc = paired(rows, method, base, "accuracy", task, n, m)
+                    ece = paired(rows, method, base, "ece_equal_mass", task, n, m)
+                    if acc is None:
+                        continue
+                    stats += [dict(x, unlabelled=m) for x in (acc, ece) if x is not None]
+                    lines.append(f"| {n} | {m} ({distinct.get(m, m)}) | {len(acc['seeds'])} | {_ci(acc)} | "
+                                 f"{_wtl(acc)} | {_ci(ece)} | {_wtl(ece)} |")
+            lines.append("")
+        path = _unlabelled_plot(mine, task, ns, ms, folder)
+        pngs.append(path)
+        lines.append(f"![{task} vs M]({path.name})\n")
+    return "\n".join(lines), stats, pngs
+
+
+def _values(rows: list[dict[str, Any]], n: int, method: str, m: int, metric: str) -> list[float]:
+    return [r[metric] for r in rows if r["n"] == n and r["method"] == method
+            and r.get("unlabelled", 0) == m and r.get(metric) is not None]
+
+
+def _unlabelled_plot(rows: list[dict[str, Any]], task: str, ns: list[int], ms: list[int],
+                     folder: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(ns), 2, figsize=(10, 3.6 * len(ns)), squeeze=False)
+    xs = [max(m, 1) for m in ms]  # M=0 drawn at 1 on the log axis
+    for row_axes, n in zip(axes, ns, strict=True):
+        for ax, metric in zip(row_axes, ("accuracy", "ece_equal_mass"), strict=True):
+            for method in ("a2t", "act"):
+                vals = [_values(rows, n, method, m, metric) for m in ms]
+                if any(vals):
+                    ax.errorbar(xs, [np.mean(v) if v else np.nan for v in vals],
+                                yerr=[_std(v) if v else np.nan for v in vals], marker="o", capsize=3,
+                                label=COLUMNS[method])
+            for method, style in (("tok", "--"), ("icl", ":")):
+                v = _values(rows, n, method, 0, metric)
+                if v:
+                    ax.axhline(float(np.mean(v)), ls=style, color="grey", label=f"{COLUMNS[method]} (M=0)")
+            ax.set_xscale("log")
+            ax.set_xticks(xs, [str(m) for m in ms])
+            ax.set_xlabel("M unlabelled rows")
+            ax.set_ylabel(("accuracy" if metric == "accuracy" else "ECE (equal-mass)") + f", N={n}")
+            ax.grid(alpha=0.3)
+        row_axes[0].legend(fontsize=7)
+    fig.suptitle(f"{task}: IA2 with unlabelled queries (mean ± std over seeds, ddof=1)")
+    fig.tight_layout()
+    path = folder / f"{task}_vs_unlabelled.png"
+    save_figure(fig, path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _model_banner(rows: list[dict[str, Any]], folder: Path) -> str:
     """Which model(s) the cells ran on (rows, and each sweep-<task>.json's settings); a
     random-weight model is said plainly."""
@@ -386,12 +464,20 @@ def report(folder: str | Path) -> dict[str, Any]:
     from ia2cache.analyze import report_section
 
     shown = _labelled(rows)
+    with_m = [r for r in shown if r.get("unlabelled", 0)]
+    shown = [r for r in shown if not r.get("unlabelled", 0)]  # the main tables: no unlabelled rows
     paired_md, stats = paired_markdown(shown)
     fair = fairness(rows)
     failed = read_results(out, failed=True)
     md = _model_banner(rows, out) + "## Paired comparisons\n\n" + paired_md + "\n" + _fairness_md(fair)
     md += "\n## Per-method tables\n\n"
     md += markdown(shown)
+    if with_m:
+        m_md, m_stats, m_png = unlabelled_section(shown + with_m, out)
+        md += "\n" + m_md
+        stats += m_stats
+    else:
+        m_png = []
     if failed:
         md += f"\n**{len(failed)} failed cell(s)** (a rerun of the sweep retries them):\n\n"
         md += "".join(f"- {r['task']} N={r['n']} seed={r['seed']} {r['method']}: {r.get('error')}\n"
@@ -404,6 +490,6 @@ def report(folder: str | Path) -> dict[str, Any]:
     write_bytes_atomic(out / "report.md", (md + "\n").encode())
     write_json_atomic(out / "report.json", {"paired": stats, "fairness": fair, "failed": len(failed),
                                             "cells": len(rows)}, indent=1)
-    pngs = plots(shown, out, out / "preds") + analysis_pngs
+    pngs = plots(shown, out, out / "preds") + m_png + analysis_pngs
     return {"report": str(out / "report.md"), "json": str(out / "report.json"),
             "plots": [str(p) for p in pngs], "cells": len(rows), "markdown": md, "fairness": fair}

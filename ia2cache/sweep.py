@@ -33,6 +33,7 @@ import os
 import queue
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
@@ -118,6 +119,12 @@ class SweepConfig:
     eval_task: str | None = None
     """Score every cell on this task's eval split instead (out of distribution, e.g. train
     hf:sst2, eval hf:fins); caches, adapters and ICL demos still come from ``task``."""
+    unlabelled: tuple[int, ...] = (0,)
+    """M values (a grid axis): unlabelled teacher rows the activation phases also train on
+    (``collect --unlabelled M``). Methods without such a phase (tok, tna, ICL) run at M=0 only."""
+    unlabelled_file: str | None = None
+    """JSONL of {"input": ...} lines to draw the unlabelled queries from (default: the pool rows
+    after train and dev, targets dropped)."""
     runs: str | None = None
     """Folder for the trained adapters; default <out>/adapters. Sweeps that share one share every
     identical run (distill reuses a finished run of the same settings and cache), e.g. a full-grid
@@ -139,11 +146,14 @@ class SweepConfig:
             raise IA2Error(f"--n {','.join(map(str, self.ns))}: every N must be at least 2")
         if not self.seeds:
             raise IA2Error("--seeds: give at least one seed")
+        bad_m = [x for x in self.unlabelled if isinstance(x, bool) or not 0 <= x <= 1_000_000]
+        if not self.unlabelled or bad_m:
+            raise IA2Error(f"--unlabelled {','.join(map(str, self.unlabelled))}: give row counts 0..1000000")
         for s in self.seeds:
             check_seed(s, "--seeds")
         if not self.lrs or any(not (math.isfinite(x) and 0 < x <= 10) for x in self.lrs):
             raise IA2Error(f"--lrs {','.join(map(str, self.lrs))}: give finite learning rates in (0, 10]")
-        cells = len(self.ns) * len(self.seeds) * (len(self.methods) + 1)
+        cells = len(self.ns) * len(self.seeds) * (len(self.methods) + 1) * len(self.unlabelled)
         if cells > MAX_CELLS:
             raise IA2Error(f"--n/--seeds/--methods: {cells} cells is more than {MAX_CELLS}; split the sweep")
         if self.lr_search not in ("grid", "descend"):
@@ -181,7 +191,7 @@ class SweepConfig:
 
 
 NON_SETTINGS = frozenset({"task", "out", "ns", "seeds", "methods", "store", "workers", "threads", "shard",
-                          "model", "eval_task", "runs"})
+                          "model", "eval_task", "runs", "unlabelled", "unlabelled_file"})
 """SweepConfig fields that do not change a cell's result (grid axes, where and how it runs), or
 that enter the settings resolved (model -> fingerprint, tasks -> content hashes). Every other
 field is a setting: a new field is one unless it is declared here."""
@@ -243,7 +253,7 @@ def parse_floats(spec: str, flag: str) -> tuple[float, ...]:
 
 def _cell_key(row: dict[str, Any]) -> tuple[Any, ...]:
     return (row["task"], row.get("eval_task", row["task"]), row["n"], row["seed"], row["method"],
-            row.get("settings"))
+            row.get("unlabelled", 0), row.get("settings"))
 
 
 def results_files(out: Path) -> list[Path]:
@@ -328,8 +338,8 @@ class _Plan:
     eval_name: str
     settings: dict[str, Any]
     settings_hash: str
-    units: list[tuple[int, int]]
-    """(N, seed) units in canonical order; unit (0, 0) is the base model."""
+    units: list[tuple[int, int, int]]
+    """(N, seed, M) units in canonical order; unit (0, 0, 0) is the base model."""
     mine: list[int] = field(default_factory=list)
     """Indices of the units this shard runs."""
 
@@ -338,6 +348,10 @@ def _settings(config: SweepConfig, task: Any, target: Any, model_fp: dict[str, s
     d = {k: v for k, v in asdict(config).items() if k not in NON_SETTINGS}
     d.update(model=model_fp, task=task.content_hash, lrs=[float(x) for x in config.lrs],
              eval_task=target.content_hash if config.eval_task else None)
+    if config.unlabelled_file:  # only then: sweeps without unlabelled queries keep their settings
+        from ia2cache.tasks import load_unlabelled
+
+        d["unlabelled_file"] = load_unlabelled(config.unlabelled_file)[1]
     return d
 
 
@@ -362,7 +376,8 @@ def _plan(config: SweepConfig) -> _Plan:
                 "random": info.random}
     settings = _settings(config, task, target, model_fp)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    units = [(0, 0)] + [(n, s) for n in config.ns for s in config.seeds]
+    ms = sorted(set(config.unlabelled) | {0})  # M=0 always: tok, tna and ICL run there
+    units = [(0, 0, 0)] + [(n, s, m) for n in config.ns for s in config.seeds for m in ms]
     i, k = parse_shard(config.shard)
     mine = [j for j in range(len(units)) if j % k == i]
     return _Plan(config, label, task.name, target.name, settings, digest, units, mine)
@@ -417,8 +432,8 @@ def _results_path(out: Path, config: SweepConfig) -> Path:
 class _Unit:
     """Runs the cells of one unit in a worker: loads what it needs once, yields rows."""
 
-    def __init__(self, config: SweepConfig, plan: dict[str, Any], out: Path) -> None:
-        self.config, self.plan, self.out = config, plan, out
+    def __init__(self, config: SweepConfig, plan: dict[str, Any], out: Path, m: int = 0) -> None:
+        self.config, self.plan, self.out, self.m = config, plan, out, m
         self._base: Any = None
 
     def base_model(self) -> Any:
@@ -431,7 +446,7 @@ class _Unit:
     def row(self, n: int, seed: int, method: str) -> dict[str, Any]:
         return {"task": self.plan["task"], "eval_task": self.plan["eval_task"], "n": n, "seed": seed,
                 "method": method, "settings": self.plan["settings_hash"], "status": "ok",
-                "model": self.plan["model"],
+                "model": self.plan["model"], "unlabelled": self.m,
                 "dev": self.config.dev_rows(n) if n else 0}
 
     def cells(self, n: int, seed: int, todo: list[str]) -> Iterator[dict[str, Any]]:
@@ -476,12 +491,12 @@ class _Unit:
         from ia2cache.store import Cache
 
         res = collect(CollectConfig(model=c.model, task=c.task, n=n, seed=seed, dev=c.dev_rows(n),
-                                    store=c.store))
+                                    store=c.store, unlabelled=self.m, unlabelled_file=c.unlabelled_file))
         return Cache.open(res.cache)
 
     def _run_dir(self, n: int, seed: int, name: str) -> Path:
         root = Path(self.config.runs).expanduser() if self.config.runs else self.out / "adapters"
-        return root / self.plan["label"] / f"n{n}-s{seed}" / name
+        return root / self.plan["label"] / (f"n{n}-s{seed}" + (f"-u{self.m}" if self.m else "")) / name
 
     def _choose(self, runs: list[tuple[float, Any]], what: str) -> tuple[float, Any, dict[str, Any]]:
         grid = {f"{lr:g}": (None if isinstance(r, Exception) else r.final["dev_loss"]) for lr, r in runs}
@@ -553,7 +568,8 @@ class _Unit:
                 "runs": [p["runs"] for p in phases], "lr_search": c.lr_search,
                 "best_step": chosen.best_step, "steps_run": chosen.steps_run, "capped": chosen.capped,
                 "best_epoch": chosen.best_epoch, "adapter": _relative(Path(chosen.adapter), self.out),
-                "cache": cache.key, "n_train": cache.manifest["n_train"], "n_dev": cache.manifest["n_dev"]}
+                "cache": cache.key, "n_train": cache.manifest["n_train"], "n_dev": cache.manifest["n_dev"],
+                "distinct_unlabelled": cache.manifest.get("distinct_unlabelled", 0)}
 
 
 def _relative(path: Path, out: Path) -> str:
@@ -562,6 +578,11 @@ def _relative(path: Path, out: Path) -> str:
         return str(path.relative_to(out))
     except ValueError:
         return str(path.resolve())
+
+
+def uses_unlabelled(method: str) -> bool:
+    """Whether a sweep method has a phase that trains on unlabelled rows (an ``act`` phase)."""
+    return "act" in SCHEDULES[SWEEP_METHODS[method][0]]
 
 
 def _order(methods: tuple[str, ...]) -> list[str]:
@@ -585,11 +606,12 @@ def _init_worker(threads: int | None, counter: Any, lock: Any) -> None:
         torch.set_num_threads(threads)
 
 
-def _work(config: SweepConfig, plan: dict[str, Any], out: str, unit: tuple[int, int], todo: list[str],
-          events: Any) -> int:
+def _work(config: SweepConfig, plan: dict[str, Any], out: str, unit: tuple[int, int, int],
+          todo: list[str], events: Any) -> int:
     """Run one unit in a worker process; every finished cell goes to ``events`` at once."""
     logging.getLogger("ia2cache").setLevel(logging.WARNING)
-    runner = _Unit(config, plan, Path(out))
+    warnings.filterwarnings("ignore", category=FutureWarning)  # library chatter, not the user's
+    runner = _Unit(config, plan, Path(out), m=unit[2])
     n = 0
     try:
         for row in runner.cells(unit[0], unit[1], todo):
@@ -619,27 +641,33 @@ def sweep(config: SweepConfig, progress: Callable[[Event], None] | None = None) 
     with OutputLock(results.with_name(results.name + ".lock"), "--out"):
         _check_settings(out, plan)
         _write_settings(out, plan)
-        done = {(r["n"], r["seed"], r["method"]) for r in read_results(out)
+        done = {(r["n"], r["seed"], r.get("unlabelled", 0), r["method"]) for r in read_results(out)
                 if r.get("settings") == plan.settings_hash and r["task"] == plan.task_name
                 and r.get("eval_task", r["task"]) == plan.eval_name}
         order = _order(config.methods)
         work: list[tuple[tuple[int, int], list[str]]] = []
         total = skipped = 0
         for j in plan.mine:
-            n, s = plan.units[j]
-            cells = ["base"] if n == 0 else ["icl", *order]
-            todo = [m for m in cells if (n, s, m) not in done]
+            n, s, m = plan.units[j]
+            if n == 0:
+                cells = ["base"]
+            elif m == 0:
+                cells = ["icl", *order]
+            else:  # only methods with an activation phase read unlabelled rows
+                cells = [x for x in order if uses_unlabelled(x)]
+            todo = [x for x in cells if (n, s, m, x) not in done]
             total += len(cells)
             skipped += len(cells) - len(todo)
             if todo:
-                work.append(((n, s), todo))
+                work.append(((n, s, m), todo))
         counts = {"done": 0, "failed": 0}
         t0 = time.perf_counter()
 
         def record(row: dict[str, Any]) -> None:
             preds = row.pop("preds", None)
             if preds is not None:
-                name = f"{plan.label}__{row['method']}__n{row['n']}__s{row['seed']}.json"
+                u = f"__u{row['unlabelled']}" if row.get("unlabelled") else ""
+                name = f"{plan.label}__{row['method']}__n{row['n']}__s{row['seed']}{u}.json"
                 write_json_atomic(out / "preds" / name, preds)
             _append(results, json_safe(row))
             counts["failed" if row["status"] == "failed" else "done"] += 1
@@ -647,8 +675,9 @@ def sweep(config: SweepConfig, progress: Callable[[Event], None] | None = None) 
                 log.warning("cell %s N=%d seed=%d %s failed: %s", plan.label, row["n"], row["seed"],
                             row["method"], row.get("error"))
             if progress:
+                u = f" M={row['unlabelled']}" if row.get("unlabelled") else ""
                 progress({"done": skipped + counts["done"] + counts["failed"], "total": total,
-                          "cell": f"{plan.label} N={row['n']} seed={row['seed']} {row['method']}",
+                          "cell": f"{plan.label} N={row['n']} seed={row['seed']}{u} {row['method']}",
                           "status": row["status"], "elapsed": time.perf_counter() - t0})
 
         pdict = {"task": plan.task_name, "eval_task": plan.eval_name, "label": plan.label,
@@ -670,7 +699,7 @@ def sweep(config: SweepConfig, progress: Callable[[Event], None] | None = None) 
             "results": str(results), "seconds": round(time.perf_counter() - t0, 1)}
 
 
-Work = list[tuple[tuple[int, int], list[str]]]
+Work = list[tuple[tuple[int, int, int], list[str]]]
 
 
 def _run_pool(config: SweepConfig, pdict: dict[str, Any], out: Path, work: Work,
@@ -700,7 +729,7 @@ def _run_pool(config: SweepConfig, pdict: dict[str, Any], out: Path, work: Work,
                         unit = pending.pop(fut)
                         exc = fut.exception()
                         if exc is not None:  # a worker died (killed, out of memory)
-                            log.warning("unit N=%d seed=%d: worker failed: %s", unit[0], unit[1], exc)
+                            log.warning("unit N=%d seed=%d M=%d: worker failed: %s", *unit, exc)
                 while True:
                     try:
                         record(events.get_nowait()[1])

@@ -45,14 +45,14 @@ def _cfg(env: dict[str, Any], store: Path, t: int) -> CollectConfig:
 
 
 def _launch(args: list[str], home: Path, nproc: int = 2, **extra: str) -> subprocess.CompletedProcess:
-    """Run ``torchrun --standalone --nproc-per-node=N -m ia2cache.cli -- ARGS``."""
+    """Run ``torchrun --standalone --nproc-per-node=N -m cli -- ARGS``."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "IA2CACHE_HOME": str(home),
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "IA2CACHE_FAULT"):
         env.pop(v, None)
     env.update(extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "ia2cache.cli", "--", *args]
+           "-m", "cli", "--", *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 

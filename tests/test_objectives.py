@@ -8,6 +8,9 @@ import torch
 from ia2cache.objectives import (
     OBJECTIVES,
     SCHEDULES,
+    Mix,
+    StudentOut,
+    Targets,
     act_loss,
     masked_mse,
     tna_loss,
@@ -62,3 +65,45 @@ def test_schedules_use_registered_objectives() -> None:
     assert SCHEDULES["a2t"] == ("act", "tok") and SCHEDULES["t2a"] == ("tok", "act")
     for phases in SCHEDULES.values():
         assert all(p in OBJECTIVES for p in phases)
+
+
+def _inputs(v: int = 7) -> tuple[StudentOut, Targets]:
+    g = torch.Generator().manual_seed(0)
+    out = StudentOut(acts={0: torch.randn(2, 3, 4, generator=g), 2: torch.randn(2, 3, 4, generator=g)},
+                     logits=torch.randn(2, 2, v, generator=g), topk_logits=torch.randn(2, 3, v, generator=g))
+    probs = torch.softmax(torch.randn(2, 3, v, generator=g), -1)
+    top_v, top_i = probs.log().topk(3, dim=-1)
+    tgt = Targets(mask=torch.tensor([[True, True, False], [True, False, False]]),
+                  acts={0: torch.randn(2, 3, 4, generator=g), 2: torch.randn(2, 3, 4, generator=g)},
+                  labels=torch.tensor([[1, 2], [3, 0]]),
+                  label_mask=torch.tensor([[True, True], [True, False]]),
+                  topk_values=top_v, topk_ids=top_i)
+    return out, tgt
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_every_registered_objective_is_a_finite_loss_with_gradients_where_it_reads(name: str) -> None:
+    import inspect
+
+    cls = OBJECTIVES[name]
+    assert cls.name == name and cls.description
+    kwargs = {"weight": 0.5} if "weight" in inspect.signature(cls).parameters else {}
+    obj = cls(**kwargs)
+    out, tgt = _inputs()
+    for t in (*out.acts.values(), out.logits, out.topk_logits):
+        t.requires_grad_(True)
+    loss = obj.loss(out, tgt)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert (out.acts[0].grad is not None) == cls.needs_acts
+    assert (out.logits.grad is not None) == (cls.needs_logits and not cls.needs_topk)
+    assert (out.topk_logits.grad is not None) == cls.needs_topk
+
+
+def test_mix_equals_its_two_halves_weighed() -> None:
+    out, tgt = _inputs()
+    mix = Mix(weight=0.3, scale=0.1)
+    terms = mix.terms(out, tgt)
+    assert terms["act"].item() == pytest.approx(act_loss(out.acts, tgt.acts, tgt.mask).item())
+    want = 0.7 * 0.1 * terms["act"].item() + 0.3 * terms["tok"].item()
+    assert mix.loss(out, tgt).item() == pytest.approx(want)

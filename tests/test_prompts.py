@@ -174,3 +174,40 @@ def test_response_length_stops_at_eos_or_the_stop_string(tiny_tok: Any) -> None:
     eos = tiny_tok.eos_token_id
     assert response_length(tiny_tok, [ids[0], eos, ids[1]], "\n") == 2
     assert response_length(tiny_tok, ids[:2], "\n") == 2  # neither: everything
+
+
+def test_unlabelled_rows_draw_demos_from_the_n_labelled_rows_and_hold_no_target(tmp_path: Path,
+                                                                                tiny_tok: Any) -> None:
+    task = _task(tmp_path)  # 30 pool examples
+    plain = build_pairs(task, tiny_tok, PromptConfig(n=4, seed=2, dev=6))
+    ps = build_pairs(task, tiny_tok, PromptConfig(n=4, seed=2, dev=6, unlabelled=45))
+    # Adding unlabelled rows changes no train or dev row (independent random streams).
+    assert [p.teacher_ids for p in ps.train] == [p.teacher_ids for p in plain.train]
+    assert [p.teacher_ids for p in ps.dev] == [p.teacher_ids for p in plain.dev]
+    train_ids = {p.example_id for p in ps.train}
+    held = train_ids | {p.example_id for p in ps.dev} | {e.id for e in task.eval}
+    assert len(ps.unlabelled) == 45 and ps.distinct_unlabelled == 20  # 30 - 4 - 6 queries, repeated
+    for p in ps.unlabelled:
+        assert p.split == "unlabelled" and set(p.demo_ids) <= train_ids and len(p.demo_ids) == ps.k
+        assert p.example_id not in held  # queries never come from train, dev or eval
+        assert p.target_ids == () and p.target == "" and p.label_ids(8) == ()
+    # Rows: train, then unlabelled, then dev (the activation phases read one range).
+    assert [p.split for p in ps.rows] == ["train"] * 4 + ["unlabelled"] * 45 + ["dev"] * 6
+    assert [p.row for p in ps.rows] == list(range(55))
+    # A repeated query gets other demos.
+    first, again = ps.unlabelled[0], ps.unlabelled[20]
+    assert first.example_id == again.example_id and first.demo_ids != again.demo_ids
+
+
+def test_an_unlabelled_file_with_a_target_is_refused(tmp_path: Path) -> None:
+    from ia2cache.tasks import load_unlabelled
+
+    ok = write_jsonl(tmp_path / "u.jsonl", [json.dumps({"input": f"word {i}"}) for i in range(3)])
+    queries, digest = load_unlabelled(ok)
+    assert [q.input for q in queries] == ["word 0", "word 1", "word 2"]
+    assert all(q.target == "" for q in queries)
+    assert len(digest) == 16
+    lines = [json.dumps({"input": "x"}), json.dumps({"input": "y", "target": "z"})]
+    bad = write_jsonl(tmp_path / "b.jsonl", lines)
+    with pytest.raises(IA2Error, match=r"b\.jsonl:2: has a 'target' field"):
+        load_unlabelled(bad)

@@ -89,7 +89,7 @@ def task(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> dict
 def _cli(args: list[str], s3_env: dict[str, str], home: Path, **extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, **s3_env, **extra, "OMP_NUM_THREADS": "1", "IA2CACHE_HOME": str(home),
            "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "ia2cache.cli", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -244,7 +244,7 @@ def _decode(path: Path) -> str:
     return text
 
 
-def _read_jsonl(path: Path, prefix: str) -> list[Located]:
+def _read_jsonl(path: Path, prefix: str, labelled: bool = True) -> list[Located]:
     """Parse and validate a JSONL task file; every error names the file and line.
 
     Lines are split on ``\\n`` only (a trailing ``\\r`` is dropped, a BOM at a line's start is
@@ -271,7 +271,10 @@ def _read_jsonl(path: Path, prefix: str) -> list[Located]:
             raise IA2Error(f"{where}: invalid JSON (nested too deeply)") from None
         if not isinstance(obj, dict):
             raise IA2Error(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        for key in ("input", "target"):
+        if not labelled and "target" in obj:
+            raise IA2Error(f"{where}: has a 'target' field, but an unlabelled file holds inputs only "
+                           "(drop the targets, or use the file as a task with --task)")
+        for key in ("input", "target") if labelled else ("input",):
             if key not in obj:
                 raise IA2Error(f"{where}: missing required field {key!r}")
             if not isinstance(obj[key], str):
@@ -279,7 +282,7 @@ def _read_jsonl(path: Path, prefix: str) -> list[Located]:
             if _unpaired_surrogate(obj[key]):
                 raise IA2Error(f"{where}: field {key!r} holds an unpaired UTF-16 surrogate "
                                "(a \\ud800-\\udfff escape without its pair), which is not text")
-        if not obj["target"].strip():
+        if labelled and not obj["target"].strip():
             raise IA2Error(f"{where}: field 'target' is empty")
         if not obj["input"].strip():
             raise IA2Error(f"{where}: field 'input' is empty")
@@ -293,7 +296,8 @@ def _read_jsonl(path: Path, prefix: str) -> list[Located]:
         if ex_id in seen:
             raise IA2Error(f"{where}: duplicate id {ex_id!r} (first seen on line {seen[ex_id]})")
         seen[ex_id] = lineno
-        rows.append(Located(where, Example(id=ex_id, input=obj["input"], target=obj["target"].strip())))
+        target = obj["target"].strip() if labelled else ""
+        rows.append(Located(where, Example(id=ex_id, input=obj["input"], target=target)))
     if not rows:
         raise IA2Error(f"{path}: empty task file (no examples)")
     if extra:
@@ -429,6 +433,24 @@ def _checked(rows: Sequence[Located], *, stop: str, separator: str, separator_fl
 
 
 # -- sources -------------------------------------------------------------------------------------
+
+
+def load_unlabelled(path: str | Path) -> tuple[tuple[Example, ...], str]:
+    """The queries of an unlabelled JSONL file (``{"input": ...}`` lines, no target) and the
+    sha256 of their ids and inputs (part of a cache key).
+
+    Raises:
+        IA2Error: a missing or unreadable file, a bad line, or a line with a ``target`` field,
+            naming the file and line.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise IA2Error(f"--unlabelled-file {path}: no such file")
+    rows = _read_jsonl(p, f"unl-{p.stem}", labelled=False)
+    # Ids of their own ("unlabelled:<id>"): never mistaken for a pool example's.
+    examples = tuple(Example(f"unlabelled:{r.example.id}", r.example.input, "") for r in rows)
+    body = json.dumps([[e.id, e.input] for e in examples], separators=(",", ":"), ensure_ascii=True)
+    return examples, hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
 def list_builtin() -> list[str]:
