@@ -107,8 +107,13 @@ def read_acts(cache: Any, site: str, layer: int, start: int, stop: int) -> torch
         return decode_activations(cache.read(per_layer, start, stop), spec.logical_dtype).float()
     path = f"acts/{site}"
     spec = cache.specs[path]
-    j = list(cache.manifest["layers"]).index(layer)
-    return decode_activations(cache.read(path, start, stop)[:, j], spec.logical_dtype).float()
+    raw = cache.read(path, start, stop, layers=[layer])[:, 0]  # one read, that layer only
+    if spec.scales:  # --dtype int8: the values times their per-vector scales
+        from ia2cache.store import dequantize
+
+        scales = cache.read(spec.scales, start, stop, layers=[layer])[:, 0]
+        return dequantize(decode_activations(raw, spec.logical_dtype), torch.from_numpy(scales))
+    return decode_activations(raw, spec.logical_dtype).float()
 
 
 def budget_kwargs(config_cls: Any, steps: int) -> dict[str, int]:

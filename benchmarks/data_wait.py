@@ -36,7 +36,7 @@ TARGET = 0.05
 def _act_bytes(cache: Cache, split_rows: int) -> int:
     """Bytes of activations per pass over ``split_rows`` rows, as stored (uncompressed)."""
     m = cache.manifest
-    width = 2 if m["dtype"] in ("bf16", "fp16") else 4
+    width = {"bf16": 2, "fp16": 2, "fp32": 4, "int8": 1}[m["dtype"]]
     return split_rows * len(m["layers"]) * int(m["position_slots"]) * int(m["model"]["hidden_size"]) * width
 
 

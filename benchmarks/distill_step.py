@@ -20,7 +20,7 @@ import torch
 
 from benchmarks._common import write_result
 from ia2cache.collect import CollectConfig, collect
-from ia2cache.distill import DistillConfig, _losses, _setup, _trainable
+from ia2cache.distill import DistillConfig, _loss, _setup, _trainable
 
 
 def main() -> None:
@@ -46,7 +46,7 @@ def main() -> None:
             for method in ("act", "tok"):
                 run, opt = runs[method], opts[method]
                 t0 = time.perf_counter()
-                loss = _losses(run, batch, method)
+                loss = _loss(run, batch, method)
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

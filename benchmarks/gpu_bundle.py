@@ -54,8 +54,9 @@ SKIPPED = {
     "rich": "only the CLI needs it (and the machine has it)",
 }
 """Project dependencies the GPU check does not import, with the reason."""
-EXTRA_ROOTS = ("google-crc32c",)
-"""Imported by ia2cache directly (``ia2cache/fastread.py``) although no dependency names it."""
+EXTRA_ROOTS: tuple[str, ...] = ()
+"""Imported by ia2cache directly although no dependency names it: none (google-crc32c, for the
+store's crc32c codec, comes with zarr)."""
 
 
 def _packaging() -> Any:

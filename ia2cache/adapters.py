@@ -24,10 +24,16 @@ def module_names(spec: str) -> list[str]:
 
 @dataclass(frozen=True)
 class AdapterSpec:
+    """What the adapter builders read (distill's --lora-r, --lora-alpha, ... flags)."""
+
     r: int = 8
+    """LoRA rank."""
     alpha: int = 8
+    """LoRA alpha (the update is scaled by alpha / r)."""
     target_modules: str = "q,k,o"
+    """Modules to adapt: short names (q,k,v,o,gate,up,down) or full module names."""
     num_virtual_tokens: int = 8
+    """Virtual tokens of prompt and prefix tuning."""
 
 
 def _lora(s: AdapterSpec) -> Any:

@@ -57,8 +57,16 @@ from ia2cache._io import write_json_atomic
 from ia2cache.errors import IA2Error
 from ia2cache.outputs import save_figure
 from ia2cache.padding import pad
-from ia2cache.sites import decoder_layers, get_site
-from ia2cache.store import Cache, decode_activations, resolve_cache
+from ia2cache.sites import StopForward, capture
+from ia2cache.store import (
+    Cache,
+    act_path,
+    decode_activations,
+    default_store,
+    dequantize,
+    location,
+    resolve_cache,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,32 +101,6 @@ class SimilarityConfig:
             raise IA2Error(f"--batch-size {self.batch_size}: must be at least 1")
         if not self.adapters and not self.base:
             raise IA2Error("nothing to measure: give --adapter DIR or keep the base model")
-
-
-class _Stop(Exception):
-    """Raised by the last captured layer's hook: the rest of the model is not needed."""
-
-
-class _Hooks:
-    """Forward hooks keeping the site output of each layer for one forward pass."""
-
-    def __init__(self, model: Any, site: str, layers: list[int]) -> None:
-        mods = decoder_layers(model)
-        self.out: dict[int, torch.Tensor] = {}
-        self.last = max(layers)
-        self.handles = [get_site(site).module(mods[i]).register_forward_hook(self._hook(i)) for i in layers]
-
-    def _hook(self, layer: int) -> Callable[..., None]:
-        def hook(_mod: Any, _args: Any, output: Any) -> None:
-            self.out[layer] = output[0] if isinstance(output, tuple) else output
-            if layer == self.last:
-                raise _Stop
-
-        return hook
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
 
 
 class _Tokens:
@@ -158,14 +140,12 @@ class _Sums:
 
 
 def _teacher(cache: Cache, layers: list[int], site: str, start: int, stop: int) -> torch.Tensor:
-    """(layers, rows, slots, hidden) float64 teacher activations of rows [start, stop)."""
-    spec = cache.manifest["arrays"]
-    acts = []
-    for i in layers:
-        path = f"acts/{site}/layer_{i:03d}"
-        raw = cache.read(path, start, stop)
-        acts.append(decode_activations(raw, spec[path].get("logical_dtype")).double())
-    return torch.stack(acts)
+    """(layers, rows, slots, hidden) float64 teacher activations of rows [start, stop): one read."""
+    path = act_path(site)
+    spec = cache.specs[path]
+    values = decode_activations(cache.read(path, start, stop, layers=layers), spec.logical_dtype)
+    scales = (torch.from_numpy(cache.read(spec.scales, start, stop, layers=layers)) if spec.scales else None)
+    return dequantize(values, scales).double().transpose(0, 1)
 
 
 def _response_slots(tok: _Tokens, r: int) -> list[int]:
@@ -203,7 +183,7 @@ def _measure(model: Any, pad_id: int, cache: Cache, tok: _Tokens, layers: list[i
              batch_size: int, block: int, device: torch.device) -> _Sums:
     t_max = int(cache.manifest["max_new_tokens"])
     sums = _Sums(len(layers), t_max)
-    hooks = _Hooks(model, site, layers)
+    hooks = capture(model, site, layers, stop_at=max(layers))
     try:
         for start in range(0, cache.n_rows, block):
             stop = min(start + block, cache.n_rows)
@@ -212,7 +192,7 @@ def _measure(model: Any, pad_id: int, cache: Cache, tok: _Tokens, layers: list[i
                 rows = range(b0, min(b0 + batch_size, stop))
                 ids, mask = pad(tok.sequences(rows), pad_id, device=device)
                 hooks.out.clear()
-                with contextlib.suppress(_Stop):
+                with contextlib.suppress(StopForward):
                     model(input_ids=ids, attention_mask=mask)
                 for li, layer in enumerate(layers):
                     h = hooks.out[layer]
@@ -294,13 +274,11 @@ def similarity(config: SimilarityConfig, progress: Callable[[str], None] | None 
         JSON-ready: the cache's description, the metric definitions, the teacher's per-layer
         variance and one entry per model (``methods``) with per-layer and per-position values.
     """
-    from ia2cache._fs import location
-    from ia2cache.collect import default_store
     from ia2cache.evaluate import load_adapter
     from ia2cache.models import load_model
 
     t0 = time.perf_counter()
-    store = location(config.store) if config.store else default_store()  # a directory or an fsspec URL
+    store = location(config.store or default_store())  # a directory or an fsspec URL
     cache = Cache.open(resolve_cache(store, config.cache))
     m = cache.manifest
     if cache.status != "complete":
@@ -362,7 +340,7 @@ def similarity(config: SimilarityConfig, progress: Callable[[str], None] | None 
     }
 
 
-def fmt3(x: float | None) -> str:
+def three_places(x: float | None) -> str:
     """A metric with 3 decimals, or "–" where it is undefined (null in the JSON)."""
     return "–" if x is None else f"{x:.3f}"
 
@@ -379,9 +357,9 @@ def plot_similarity(result: dict[str, Any], path: Path) -> Path:
     for entry in result["methods"]:
         style = {"color": "grey", "ls": "--"} if entry["method"] == "base" else {}
         axes[0].plot(layers, [np.nan if v is None else v for v in entry["cosine"]], marker=".",
-                     label=f"{entry['label']} (mean {fmt3(entry['mean_cosine'])})", **style)
+                     label=f"{entry['label']} (mean {three_places(entry['mean_cosine'])})", **style)
         axes[1].plot(layers, [np.nan if v is None else v for v in entry["nmse"]], marker=".",
-                     label=f"{entry['label']} (mean {fmt3(entry['mean_nmse'])})", **style)
+                     label=f"{entry['label']} (mean {three_places(entry['mean_nmse'])})", **style)
     axes[0].axhline(1.0, color="black", lw=0.8, ls=":", label="ICL teacher")
     axes[0].set_ylabel("cosine similarity to ICL teacher")
     axes[1].set_ylabel("nMSE to ICL teacher (÷ teacher variance)")
@@ -546,7 +524,7 @@ def check_name(name: str) -> str:
     return name
 
 
-def write(result: dict[str, Any], out: str | Path, name: str, kind: str) -> dict[str, str]:
+def save_result(result: dict[str, Any], out: str | Path, name: str, kind: str) -> dict[str, str]:
     """Write ``<out>/<name>.json`` and ``<out>/<name>.png`` (kind: similarity or overlap)."""
     from ia2cache.outputs import LOCK, OutputLock, claim_output_dir
 
@@ -601,9 +579,9 @@ def report_section(folder: Path, rows: list[dict[str, Any]]) -> tuple[str, list[
         lines.append("| model | mean cosine | mean nMSE | " + " | ".join(f"cos L{i}" for i in picks) + " |")
         lines.append("|---|---|---|" + "---|" * len(picks))
         for e in sim["methods"]:
-            cells = [fmt3(e["cosine"][layers.index(i)]) for i in picks]
-            lines.append(f"| {e['label']} | {fmt3(e['mean_cosine'])} | {fmt3(e['mean_nmse'])} | "
-                         + " | ".join(cells) + " |")
+            cells = [three_places(e["cosine"][layers.index(i)]) for i in picks]
+            means = f"{three_places(e['mean_cosine'])} | {three_places(e['mean_nmse'])}"
+            lines.append(f"| {e['label']} | {means} | " + " | ".join(cells) + " |")
         png = path.with_suffix(".png")
         if png.is_file():
             lines.append(f"\n![similarity]({png.relative_to(folder)})")

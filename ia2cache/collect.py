@@ -31,12 +31,10 @@ import contextlib
 import importlib.metadata
 import inspect
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -44,9 +42,8 @@ import torch
 
 from ia2cache import distributed
 from ia2cache._faults import fault_point
-from ia2cache._fs import Location, location, probe_writable
 from ia2cache.errors import IA2Error, check_float, check_int
-from ia2cache.models import home, load_model, load_tokenizer
+from ia2cache.models import load_model, load_tokenizer
 from ia2cache.padding import pad
 from ia2cache.prompts import (
     DEFAULT_DEV,
@@ -58,20 +55,30 @@ from ia2cache.prompts import (
     response_length,
 )
 from ia2cache.sites import check_site, decoder_layers, get_site, parse_layers
-from ia2cache.store import ArraySpec, Cache, cache_key, encode_activations
+from ia2cache.store import (
+    ACT_DTYPES,
+    ArraySpec,
+    Cache,
+    Location,
+    act_path,
+    cache_arrays,
+    cache_key,
+    default_store,
+    encode_activations,
+    how_to_read,
+    layout,
+    location,
+    scale_path,
+)
 from ia2cache.tasks import DEFAULT_TASK, Task, is_single_token, load_task
 
 log = logging.getLogger(__name__)
 
 RESPONSE_MODES = ("icl", "target")
-DTYPES = ("bf16", "fp16", "fp32")
+DTYPES = tuple(ACT_DTYPES)
 SPLIT_CODES = {"train": 0, "dev": 1, "eval": 2, "unlabelled": 3}
 PAD = -1
 """Fill value of ragged int arrays (token ids, positions)."""
-
-
-def default_store() -> Path:
-    return home() / "store"
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,8 @@ class CollectConfig:
     positions: str = "response"
     """response: positions predicting response tokens; query+response: every query token too."""
     dtype: str = "bf16"
-    """Stored dtype: bf16 (bit exact as uint16), fp16 (refused on overflow) or fp32."""
+    """Stored dtype: bf16 (bit exact as uint16), fp16 (refused on overflow), fp32, or int8 (lossy:
+    one float32 absmax scale per (row, layer, position), |error| <= max|x|/254, ~1 byte a value)."""
     topk_logits: int = 0
     """Also store the teacher's top-K next-token log-probs at the aligned positions (0: none)."""
     batch_size: int = 8
@@ -187,23 +195,34 @@ class CollectConfig:
 
     @property
     def store_path(self) -> Location:
-        """The store: a local directory, or a RemotePath for an fsspec URL (``s3://b/p``)."""
-        return location(self.store) if self.store else default_store()
+        """The store: a local folder, or a remote prefix for an fsspec URL (``s3://b/p``)."""
+        return location(self.store if self.store else default_store())
 
 
 @dataclass
 class CollectResult:
+    """What a collect did (``to_dict`` is its ``--json``)."""
+
     cache: str
+    """The cache's folder or URL (``<store>/<key>``)."""
     key: str
+    """The cache key: a hash of every key field of the config, resolved (see ``NON_KEY``)."""
     rows: int
+    """Rows in the cache (train, unlabelled and dev; or eval)."""
     reused: bool
+    """True when the cache was already complete: no model work was done."""
     status: str
+    """``complete``, ``partial`` (a rank of a failed job) or ``planned`` (``--plan``)."""
     bytes_on_disk: int
     seconds: float
+    """Wall seconds of this call."""
     shards_computed: int = 0
+    """Shards this call computed (every rank's, under torchrun)."""
     rows_computed: int = 0
     tokens_computed: int = 0
+    """Teacher tokens run through the model (prompts and decode steps)."""
     manifest: dict[str, Any] = field(default_factory=dict)
+    """The cache's manifest (left out of ``to_dict``)."""
     plan: dict[str, Any] | None = None
     """With ``CollectConfig.plan``: ``CollectPlan.to_dict()`` (status is then ``planned``)."""
 
@@ -226,16 +245,27 @@ Progress = Callable[[int, int, int], None]
 
 @dataclass(frozen=True)
 class _Plan:
+    """What a collect will write, resolved from its config, the tokenizer and the model config."""
+
     task: Task
     rows: tuple[PromptPair, ...]
-    k: int
-    t: int
+    """Every row of the cache in stored order (train | unlabelled | dev, or the eval rows)."""
+    demos: int
+    """k, the demos in each teacher prompt."""
+    response_tokens: int
+    """T, the most response tokens aligned per row."""
     layers: list[int]
-    p_slots: int
+    position_slots: int
+    """P, the aligned positions stored per row and layer (T, or query length - 1 + T)."""
     key: str
     manifest: dict[str, Any]
     specs: list[ArraySpec]
     hidden: int
+
+    @property
+    def pool_index(self) -> dict[str, int]:
+        """Example id -> index in the task pool (what ``rows/example_index`` stores)."""
+        return {e.id: i for i, e in enumerate(self.task.pool)}
 
 
 def _resolve_t(config: CollectConfig, task: Task, tokenizer: Any) -> int:
@@ -265,44 +295,32 @@ def _plan(config: CollectConfig, tokenizer: Any, info: Any, model_config: Any) -
     t = _resolve_t(config, task, tokenizer)
     n_layers, hidden = model_config.num_hidden_layers, model_config.hidden_size
     layers = parse_layers(config.layers, n_layers)
-    limit = getattr(model_config, "max_position_embeddings", None)
-    longest = max(rows, key=lambda p: len(p.teacher_ids))
-    if limit is not None and len(longest.teacher_ids) + t > limit:
-        raise IA2Error(
-            f"row {longest.row} (example {longest.example_id}): teacher prompt of "
-            f"{len(longest.teacher_ids)} tokens + --max-new-tokens {t} exceeds the model's "
-            f"context of {limit}; lower --k or --max-new-tokens"
-        )
     q_max = max(p.query_len for p in rows)
     p_slots = t if config.positions == "response" else q_max - 1 + t
-    vocab = getattr(model_config, "vocab_size", None)
-    if config.topk_logits and isinstance(vocab, int) and config.topk_logits > vocab:
-        raise IA2Error(f"--topk-logits {config.topk_logits}: more than the model's vocabulary "
-                       f"({vocab} tokens)")
-    # One shard is computed and buffered whole (fp32) before it is written: bound it before any
-    # allocation, and never let a huge --shard-rows become a cache's stored geometry.
-    shard = min(config.shard_rows, -(-len(rows) // config.chunk_rows) * config.chunk_rows)
-    need = shard * p_slots * hidden * len(layers) * 4
-    if need > SHARD_BYTES_MAX:
-        raise IA2Error(
-            f"--shard-rows {config.shard_rows}: a shard of {shard} rows buffers {need / 2**30:.1f} GiB of "
-            f"activations (limit {SHARD_BYTES_MAX / 2**30:.0f} GiB); lower --shard-rows"
-        )
-    key_fields = {
+    _check_model_limits(config, model_config, rows, t, p_slots * hidden * len(layers))
+    key_fields = _key_fields(config, {
         "model": {"fingerprint": info.fingerprint, "tokenizer": info.tokenizer_fingerprint},
-        "task": {"content": task.content_hash, "template": task.template,
-                 "separator": task.separator},
-        "n": config.n, "k": pairs.k, "seed": config.seed, "dev": len(pairs.dev),
-        "response": config.response, "max_new_tokens": t, "stop": task.stop,
-        "sft_labels": _SFT_LABELS[t > 1],
-        "site": config.site, "layers": layers, "positions": config.positions,
-        "dtype": config.dtype, "topk_logits": config.topk_logits,
-    }
-    if config.split == "eval":  # only then: train caches keep the keys they always had
-        key_fields.update(split="eval", n_eval=len(rows))
-    if m:  # only then: caches without unlabelled rows keep their keys
-        key_fields.update(unlabelled=m, unlabelled_queries=queries_hash or "pool")
+        "task": {"content": task.content_hash, "template": task.template, "separator": task.separator},
+        "template": _FOLDED, "separator": _FOLDED, "eval_fraction": _FOLDED,  # in "task"
+        "k": pairs.k, "dev": len(pairs.dev), "max_new_tokens": t, "layers": layers,
+        # Only for eval caches, and only with unlabelled rows: other caches keep their old keys.
+        "split": "eval" if config.split == "eval" else _FOLDED,
+        "n_eval": len(rows) if config.split == "eval" else _FOLDED,
+        "unlabelled": m or _FOLDED, "unlabelled_file": _FOLDED,  # in "unlabelled_queries"
+    }, stop=task.stop, sft_labels=_SFT_LABELS[t > 1],
+        **({"unlabelled_queries": queries_hash or "pool"} if m else {}))
     key = cache_key(key_fields)
+    manifest = _manifest(config, task, info, pairs, rows, key_fields, n_layers, hidden, t, layers,
+                         p_slots)
+    specs = _array_specs(config, rows, t, layers, hidden, p_slots, pairs.k)
+    return _Plan(task, rows, pairs.k, t, layers, p_slots, key, manifest, specs, hidden)
+
+
+def _manifest(config: CollectConfig, task: Task, info: Any, pairs: Any, rows: tuple[PromptPair, ...],
+              key_fields: dict[str, Any], n_layers: int, hidden: int, t: int, layers: list[int],
+              p_slots: int) -> dict[str, Any]:
+    """What the cache's manifest says about how it was made (its ``key_fields`` among them)."""
+    m = len(pairs.unlabelled)
     manifest = {
         "model": {"name": info.name, "fingerprint": info.fingerprint,
                   "tokenizer_fingerprint": info.tokenizer_fingerprint,
@@ -320,36 +338,65 @@ def _plan(config: CollectConfig, tokenizer: Any, info: Any, model_config: Any) -
         "key_fields": key_fields,
         "splits": {"0": "train", "1": "dev", **({"3": "unlabelled"} if m else {})},
         "pad": PAD,
-        "how_to_read": _HOW_TO_READ,
+        "how_to_read": how_to_read(config.site, config.dtype),
     }
     if config.split == "eval":  # train manifests stay as they were, so old partial caches resume
         manifest.update(split="eval", n_train=0, n_dev=0, n_eval=len(rows), splits={"2": "eval"},
-                        how_to_read=_HOW_TO_READ + " " + _HOW_TO_READ_EVAL)
-    specs = _array_specs(config, rows, t, layers, hidden, p_slots, pairs.k)
-    return _Plan(task, rows, pairs.k, t, layers, p_slots, key, manifest, specs, hidden)
+                        how_to_read=how_to_read(config.site, config.dtype, "eval"))
+    return manifest
 
 
-_HOW_TO_READ = " ".join("""
-Row r of every array is one training pair. Student prompt: tokens/student_ids[r, :student_len[r]].
-Teacher prompt: tokens/teacher_ids[r, :teacher_len[r]]. Response: tokens/response_ids[r, :response_len[r]]
-(the teacher's greedy continuation, or the gold labels). Gold SFT labels:
-tokens/target_ids[r, :target_len[r]] (" " + target, then with T > 1 the stop string's ids, as
-manifest sft_labels says). Activations: acts/<site>/layer_NNN[r, j] for
-j < positions_len[r] were taken at teacher position tokens/teacher_positions[r, j] of teacher prompt +
-response, and match student position tokens/student_positions[r, j] of student prompt + response.
-uint16 arrays with attribute logical_dtype=bfloat16 hold bf16 bits (view as bfloat16). Pads are -1
-(ints) or 0 (activations). rows/split: 0 train, 1 dev, 3 unlabelled (no target; rows/example_index -1
-for rows of an --unlabelled-file); rows/example_index and rows/demo_index index
-the task pool (pool order as in the task files). logits/topk_values are the teacher's top-k
-next-token log-probabilities (log_softmax over the full vocabulary) at the aligned positions,
-logits/topk_ids their token ids.
-""".split())
+def _check_model_limits(config: CollectConfig, model_config: Any, rows: tuple[PromptPair, ...], t: int,
+                        values_per_row: int) -> None:
+    """Refuse, before anything is allocated, what the model cannot do or a shard cannot hold."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    longest = max(rows, key=lambda p: len(p.teacher_ids))
+    if limit is not None and len(longest.teacher_ids) + t > limit:
+        raise IA2Error(
+            f"row {longest.row} (example {longest.example_id}): teacher prompt of "
+            f"{len(longest.teacher_ids)} tokens + --max-new-tokens {t} exceeds the model's "
+            f"context of {limit}; lower --k or --max-new-tokens"
+        )
+    vocab = getattr(model_config, "vocab_size", None)
+    if config.topk_logits and isinstance(vocab, int) and config.topk_logits > vocab:
+        raise IA2Error(f"--topk-logits {config.topk_logits}: more than the model's vocabulary "
+                       f"({vocab} tokens)")
+    # One shard is computed and buffered whole (fp32) before it is written: bound it before any
+    # allocation, and never let a huge --shard-rows become a cache's stored geometry.
+    shard = min(config.shard_rows, -(-len(rows) // config.chunk_rows) * config.chunk_rows)
+    need = shard * values_per_row * 4
+    if need > SHARD_BYTES_MAX:
+        raise IA2Error(
+            f"--shard-rows {config.shard_rows}: a shard of {shard} rows buffers {need / 2**30:.1f} GiB of "
+            f"activations (limit {SHARD_BYTES_MAX / 2**30:.0f} GiB); lower --shard-rows"
+        )
 
 
-_HOW_TO_READ_EVAL = (
-    "This is an eval cache (split eval): every row has rows/split 2 and rows/example_index indexes "
-    "the task's eval split; demos still index the pool."
-)
+NON_KEY: dict[str, str] = {
+    "batch_size": "rows per forward: fixed per cache (resumes batch alike); not a value's cause",
+    "shard_rows": "the unit of writing", "chunk_rows": "the unit of reading",
+    "store": "where the cache lives", "repair": "how to resume", "plan": "writes nothing",
+    "probe": "writes nothing",
+}
+"""CollectConfig fields that do not change a cached value, with why: the cache key hashes every
+other field (``_key_fields``), so a new field is part of the key unless declared here."""
+
+_FOLDED = object()
+"""A key field whose value another key entry already carries (or that a mode leaves out)."""
+
+
+def _key_fields(config: CollectConfig, resolved: dict[str, Any], **derived: Any) -> dict[str, Any]:
+    """What names a cache: every field of ``config`` but :data:`NON_KEY`, at its resolved value
+    (``resolved[name]``: the model's fingerprints for its spec, the layer list for ``all``...;
+    ``_FOLDED`` where another entry carries it), plus ``derived`` facts of the plan."""
+    out: dict[str, Any] = {}
+    for f in fields(config):
+        if f.name in NON_KEY:
+            continue
+        value = resolved.get(f.name, getattr(config, f.name))
+        if value is not _FOLDED:
+            out[f.name] = value
+    return {**out, **derived}
 
 
 SHARD_BYTES_MAX = 4 * 2**30
@@ -360,43 +407,14 @@ _SFT_LABELS = {False: "target", True: "target+stop"}
 has no stop string), so SFT learns to stop where the teacher's responses stop."""
 
 
-def _act_path(site: str, layer: int) -> str:
-    return f"acts/{site}/layer_{layer:03d}"
-
-
 def _array_specs(config: CollectConfig, rows: tuple[PromptPair, ...], t: int, layers: list[int],
                  hidden: int, p_slots: int, k: int) -> list[ArraySpec]:
-    st = {"bf16": ("uint16", "bfloat16"), "fp16": ("float16", None), "fp32": ("float32", None)}
-    dtype, logical = st[config.dtype]
-    ls_max = max(len(p.student_ids) for p in rows)
-    lt_max = max(len(p.teacher_ids) for p in rows)
-    tg_max = max(len(p.label_ids(t)) for p in rows)
-    specs = [
-        ArraySpec(_act_path(config.site, i), (p_slots, hidden), dtype, logical, stats=True)
-        for i in layers
-    ]
-    specs += [
-        ArraySpec("tokens/student_ids", (ls_max,), "int32"),
-        ArraySpec("tokens/student_len", (), "int32"),
-        ArraySpec("tokens/teacher_ids", (lt_max,), "int32"),
-        ArraySpec("tokens/teacher_len", (), "int32"),
-        ArraySpec("tokens/response_ids", (t,), "int32"),
-        ArraySpec("tokens/response_len", (), "int32"),
-        ArraySpec("tokens/target_ids", (tg_max,), "int32"),
-        ArraySpec("tokens/target_len", (), "int32"),
-        ArraySpec("tokens/teacher_positions", (p_slots,), "int32"),
-        ArraySpec("tokens/student_positions", (p_slots,), "int32"),
-        ArraySpec("tokens/positions_len", (), "int32"),
-        ArraySpec("rows/example_index", (), "int32"),
-        ArraySpec("rows/demo_index", (max(k, 1),), "int32"),
-        ArraySpec("rows/split", (), "uint8"),
-    ]
-    if config.topk_logits:
-        specs += [
-            ArraySpec("logits/topk_values", (p_slots, config.topk_logits), "float32"),
-            ArraySpec("logits/topk_ids", (p_slots, config.topk_logits), "int32"),
-        ]
-    return specs
+    return cache_arrays(
+        site=config.site, n_layers=len(layers), slots=p_slots, hidden=hidden, dtype=config.dtype,
+        rows_per_chunk=config.chunk_rows, student_len=max(len(p.student_ids) for p in rows),
+        teacher_len=max(len(p.teacher_ids) for p in rows), t=t,
+        target_len=max(len(p.label_ids(t)) for p in rows), k=k, topk=config.topk_logits,
+    )
 
 
 # ----------------------------------------------------------------------------- plan before paying
@@ -446,15 +464,7 @@ class CollectPlan:
 
 def _free_bytes(store: Location) -> int | None:
     """Free bytes on the filesystem a local store lives on (its nearest existing ancestor)."""
-    if not isinstance(store, Path):
-        return None
-    p = store.expanduser().absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    try:
-        return shutil.disk_usage(p).free
-    except OSError:
-        return None
+    return location(store).free_bytes()
 
 
 def _row_bytes(specs: list[ArraySpec]) -> tuple[int, int]:
@@ -482,7 +492,7 @@ def _probe(config: CollectConfig, plan: _Plan, loaded: Any) -> tuple[int, float]
     mid = max(0, len(by_len) // 2 - config.batch_size // 2)
     batch = by_len[mid : mid + config.batch_size]
     t0 = time.perf_counter()
-    teacher.run(batch, plan.t, config.response, config.positions, plan.task.stop, plan.p_slots)
+    _run_teacher(teacher, plan, config, batch)
     return len(batch), time.perf_counter() - t0
 
 
@@ -508,7 +518,7 @@ def plan_collect(config: CollectConfig, loaded: Any | None = None) -> CollectPla
         probe_s = round(probe_s, 3)
     return CollectPlan(
         cache=str(path), key=plan.key, status=existing.status if existing else "absent", rows=rows,
-        rows_to_compute=todo, position_slots=plan.p_slots, positions=rows * plan.p_slots,
+        rows_to_compute=todo, position_slots=plan.position_slots, positions=rows * plan.position_slots,
         layers=len(plan.layers), hidden=plan.hidden, dtype=config.dtype,
         teacher_tokens=sum(len(p.teacher_ids) for p in plan.rows),
         bytes_activations=rows * act_bytes, bytes_on_disk=rows * row_bytes, bytes_needed=todo * row_bytes,
@@ -645,6 +655,46 @@ class Teacher:
         Greedy as ``generate(min_new_tokens=1)``: EOS is barred at the first step only; the
         loop ends when every row has reached EOS or the stop string.
         """
+        state = self._prefill(pairs, t, positions)
+        gen = [[x] for x in self._greedy(state.first_logits, first=True)]
+        done = [self._finished(g, stop) for g in gen]
+        dec_acts: list[list[torch.Tensor]] = []
+        dec_normed: list[torch.Tensor] = []
+        for _step in range(1, t):
+            if all(done):
+                break
+            acts, normed = self._step(state, [g[-1] for g in gen])
+            dec_acts.append(acts)
+            dec_normed.append(normed)
+            for i, x in enumerate(self._greedy(self._logits(normed), first=False)):
+                if not done[i]:
+                    gen[i].append(x)
+                    done[i] = self._finished(gen[i], stop)
+        resp = [g[: response_length(self.tok, g, stop, self.eos)] for g in gen]
+        pos = [p.positions(len(r), positions) for p, r in zip(pairs, resp, strict=True)]
+        valid = torch.zeros((len(pairs), p_slots), dtype=torch.bool, device=state.mask.device)
+        for i, (tp, _) in enumerate(pos):
+            valid[i, : len(tp)] = True
+
+        def place(first: torch.Tensor, steps: list[torch.Tensor]) -> torch.Tensor:
+            return _place(first, steps, state.n_pre, p_slots).masked_fill(~valid[..., None], 0)
+
+        out: dict[str, Any] = {
+            "acts": [place(state.acts[j], [s[j] for s in dec_acts]) for j in range(len(self.layers))],
+            "positions": pos,
+            "responses": resp,
+        }
+        if self.topk:
+            logits = self._logits(place(state.normed, dec_normed))
+            v, ix = logits.log_softmax(-1).topk(self.topk, dim=-1)
+            out["topk_values"] = v.masked_fill(~valid[..., None], 0)
+            out["topk_ids"] = ix.masked_fill(~valid[..., None], PAD)
+        return out
+
+    def _prefill(self, pairs: list[PromptPair], t: int, positions: str) -> _Decoding:
+        """The traced prefill over the left-padded prompts: it fills the KV cache and captures
+        every aligned slot that lies inside the prompt (all of query+response's query part, and
+        response slot 0); the rest come from the decode steps, in order."""
         import nnsight
         from transformers import DynamicCache
 
@@ -653,15 +703,12 @@ class Teacher:
         prompts = [list(p.teacher_ids) for p in pairs]
         ids, mask = pad(prompts, self.tok.pad_token_id, left=True, device=dev)
         width = ids.shape[1]
-        shift = [width - len(q) for q in prompts]  # left padding of each row
         pos_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        # Aligned slots that lie inside the prompt (all of them for query+response's query
-        # part, plus response slot 0); the rest come from decode steps 1..T-1, in order.
         full = [p.positions(t, positions) for p in pairs]
         n_pre = [sum(1 for x in tp if x < len(q)) for (tp, _), q in zip(full, prompts, strict=True)]
         pre = torch.zeros((b, max(n_pre)), dtype=torch.long)
         for i, ((tp, _), n) in enumerate(zip(full, n_pre, strict=True)):
-            pre[i, :n] = torch.tensor(tp[:n]) + shift[i]
+            pre[i, :n] = torch.tensor(tp[:n]) + (width - len(prompts[i]))  # + the row's left padding
             pre[i, n:] = width - 1
         bi = torch.arange(b, device=dev)[:, None]
         pi = pre.to(dev)
@@ -669,65 +716,67 @@ class Teacher:
         kv = DynamicCache(config=self.model.config)
         with self.nn.trace(input_ids=ids, attention_mask=mask, position_ids=pos_ids,
                            **self._cache_kwargs(kv)) as tracer:
-            acts0 = nnsight.save([self.site.module(layers[i]).output[bi, pi] for i in self.layers])
-            normed0 = nnsight.save(self.nn.model.norm.output[bi, pi])
+            acts = nnsight.save([self.site.module(layers[i]).output[bi, pi] for i in self.layers])
+            normed = nnsight.save(self.nn.model.norm.output[bi, pi])
             tracer.stop()  # the cache is filled by the layers; the LM head runs on few rows only
         self.forwards += 1
         self.tokens += int(mask.sum())
-        last = torch.tensor([n - 1 for n in n_pre], device=dev)
         # The LM head on each row's last prompt position only (the top-k, if asked, is computed
         # once for every slot at the end).
-        first_logits = self._logits(normed0[torch.arange(b, device=dev), last])
-        gen = [[x] for x in self._greedy(first_logits, first=True)]
-        dec_acts: list[list[torch.Tensor]] = []
-        dec_normed: list[torch.Tensor] = []
-        done = [self._finished(g, stop) for g in gen]
-        for _step in range(1, t):
-            if all(done):
-                break
-            nxt = torch.tensor([g[-1] for g in gen], device=dev)[:, None]
-            mask = torch.cat([mask, torch.ones((b, 1), dtype=mask.dtype, device=dev)], dim=1)
-            pos_ids = pos_ids[:, -1:] + 1
-            with self.nn.trace(input_ids=nxt, attention_mask=mask, position_ids=pos_ids,
-                               **self._cache_kwargs(kv)) as tracer:
-                a = nnsight.save([self.site.module(layers[i]).output[:, -1] for i in self.layers])
-                nm = nnsight.save(self.nn.model.norm.output[:, -1])
-                tracer.stop()
-            self.forwards += 1
-            self.tokens += b
-            dec_acts.append(a)
-            dec_normed.append(nm)
-            for i, x in enumerate(self._greedy(self._logits(nm), first=False)):
-                if not done[i]:
-                    gen[i].append(x)
-                    done[i] = self._finished(gen[i], stop)
-        resp = [g[: response_length(self.tok, g, stop, self.eos)] for g in gen]
-        pos = [p.positions(len(r), positions) for p, r in zip(pairs, resp, strict=True)]
-        valid = torch.zeros((b, p_slots), dtype=torch.bool, device=dev)
-        for i, (tp, _) in enumerate(pos):
-            valid[i, : len(tp)] = True
+        last = torch.tensor([n - 1 for n in n_pre], device=dev)
+        first_logits = self._logits(normed[torch.arange(b, device=dev), last])
+        return _Decoding(kv, mask, pos_ids, n_pre, acts, normed, first_logits)
 
-        def place(first: torch.Tensor, steps: list[torch.Tensor]) -> torch.Tensor:
-            out = first.new_zeros((b, p_slots, first.shape[-1]))
-            later = torch.stack(steps, dim=1) if steps else None
-            for i, n in enumerate(n_pre):
-                out[i, :n] = first[i, :n]
-                if later is not None:
-                    m = min(later.shape[1], p_slots - n)
-                    out[i, n : n + m] = later[i, :m]
-            return out.masked_fill(~valid[..., None], 0)
+    def _step(self, state: _Decoding, last_tokens: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One traced decode step feeding each row's last token: the aligned layers' site and
+        the final norm at the new position (the KV cache, mask and positions advance in
+        ``state``)."""
+        import nnsight
 
-        out: dict[str, Any] = {
-            "acts": [place(acts0[j], [s[j] for s in dec_acts]) for j in range(len(self.layers))],
-            "positions": pos,
-            "responses": resp,
-        }
-        if self.topk:
-            logits = self._logits(place(normed0, dec_normed))
-            v, ix = logits.log_softmax(-1).topk(self.topk, dim=-1)
-            out["topk_values"] = v.masked_fill(~valid[..., None], 0)
-            out["topk_ids"] = ix.masked_fill(~valid[..., None], PAD)
-        return out
+        dev = state.mask.device
+        b = len(last_tokens)
+        state.mask = torch.cat([state.mask, torch.ones((b, 1), dtype=state.mask.dtype, device=dev)], dim=1)
+        state.pos_ids = state.pos_ids[:, -1:] + 1
+        layers = decoder_layers(self.nn)
+        with self.nn.trace(input_ids=torch.tensor(last_tokens, device=dev)[:, None],
+                           attention_mask=state.mask, position_ids=state.pos_ids,
+                           **self._cache_kwargs(state.kv)) as tracer:
+            acts = nnsight.save([self.site.module(layers[i]).output[:, -1] for i in self.layers])
+            normed = nnsight.save(self.nn.model.norm.output[:, -1])
+            tracer.stop()
+        self.forwards += 1
+        self.tokens += b
+        return acts, normed
+
+
+@dataclass
+class _Decoding:
+    """A batched greedy decode in progress (``Teacher._prefill``, then ``Teacher._step``)."""
+
+    kv: Any
+    """The KV cache (transformers ``DynamicCache``) the traced steps extend."""
+    mask: torch.Tensor
+    pos_ids: torch.Tensor
+    n_pre: list[int]
+    """Per row: how many of its aligned slots the prefill captured."""
+    acts: list[torch.Tensor]
+    """Per aligned layer: the prefill's slots, (rows, max(n_pre), hidden)."""
+    normed: torch.Tensor
+    """The final norm at the prefill's slots (for the top-k)."""
+    first_logits: torch.Tensor
+    """The LM head at each row's last prompt position: the first response token."""
+
+
+def _place(first: torch.Tensor, steps: list[torch.Tensor], n_pre: list[int], p_slots: int) -> torch.Tensor:
+    """Per row, its ``n_pre`` prefill slots then the decode steps' values, in ``p_slots`` slots."""
+    out = first.new_zeros((first.shape[0], p_slots, first.shape[-1]))
+    later = torch.stack(steps, dim=1) if steps else None
+    for i, n in enumerate(n_pre):
+        out[i, :n] = first[i, :n]
+        if later is not None:
+            m = min(later.shape[1], p_slots - n)
+            out[i, n : n + m] = later[i, :m]
+    return out
 
 
 # ----------------------------------------------------------------------------- rows -> arrays
@@ -758,45 +807,64 @@ def _refuse_non_finite(t: torch.Tensor, pairs: list[PromptPair], site: str, laye
     )
 
 
-def _shard_data(plan: _Plan, config: CollectConfig, pairs: list[PromptPair],
-                results: list[dict[str, Any]], pool_index: dict[str, int]) -> dict[str, np.ndarray]:
+def _encode_acts(plan: _Plan, config: CollectConfig, pairs: list[PromptPair], results: list[dict[str, Any]],
+                 data: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
+    """The shard's activations, (rows, layers, P, hidden), encoded layer by layer into one array
+    (and int8's scales into theirs); returns what a lossy dtype lost, for the ledger."""
+    acts, scales = act_path(config.site), scale_path(config.site)
+    spec = next(s for s in plan.specs if s.path == acts)
+    data[acts] = np.empty((len(pairs), *spec.shape), dtype=spec.dtype)
+    if spec.scales:
+        data[scales] = np.empty((len(pairs), *spec.shape[:2]), dtype=np.float32)
+    worst = (0.0, 0.0)
+    for j, layer in enumerate(plan.layers):
+        t = torch.cat([res["acts"][j].cpu() for res in results])
+        _refuse_non_finite(t, pairs, config.site, layer)
+        enc = encode_activations(t, config.dtype)
+        data[acts][:, j] = enc.values
+        if spec.scales:
+            data[scales][:, j] = enc.scales
+            worst = (max(worst[0], enc.max_rel_error or 0.0), max(worst[1], enc.max_rel_l2_error or 0.0))
+    return {acts: worst} if spec.scales else {}
+
+
+def _shard_data(plan: _Plan, config: CollectConfig, pairs: list[PromptPair], results: list[dict[str, Any]],
+                ) -> tuple[dict[str, np.ndarray], dict[str, tuple[float, float]]]:
     resp = [r for res in results for r in res["responses"]]
     pos = [p for res in results for p in res["positions"]]
     specs = {s.path: s for s in plan.specs}
     data: dict[str, np.ndarray] = {}
-    for j, layer in enumerate(plan.layers):
-        t = torch.cat([res["acts"][j].cpu() for res in results])
-        _refuse_non_finite(t, pairs, config.site, layer)
-        data[_act_path(config.site, layer)] = encode_activations(t, config.dtype)
+    errors = _encode_acts(plan, config, pairs, results, data)
 
     def width(path: str) -> int:
         return specs[path].shape[0]
 
-    data["tokens/student_ids"] = _ragged([p.student_ids for p in pairs], width("tokens/student_ids"))
-    data["tokens/student_len"] = np.array([len(p.student_ids) for p in pairs], dtype=np.int32)
-    data["tokens/teacher_ids"] = _ragged([p.teacher_ids for p in pairs], width("tokens/teacher_ids"))
-    data["tokens/teacher_len"] = np.array([len(p.teacher_ids) for p in pairs], dtype=np.int32)
-    data["tokens/response_ids"] = _ragged(resp, plan.t)
-    data["tokens/response_len"] = np.array([len(r) for r in resp], dtype=np.int32)
-    labels = [p.label_ids(plan.t) for p in pairs]
-    data["tokens/target_ids"] = _ragged(labels, width("tokens/target_ids"))
-    data["tokens/target_len"] = np.array([len(x) for x in labels], dtype=np.int32)
-    data["tokens/teacher_positions"] = _ragged([tp for tp, _ in pos], plan.p_slots)
-    data["tokens/student_positions"] = _ragged([sp for _, sp in pos], plan.p_slots)
-    data["tokens/positions_len"] = np.array([len(tp) for tp, _ in pos], dtype=np.int32)
+    data[layout.STUDENT_IDS] = _ragged([p.student_ids for p in pairs], width(layout.STUDENT_IDS))
+    data[layout.STUDENT_LEN] = np.array([len(p.student_ids) for p in pairs], dtype=np.int32)
+    data[layout.TEACHER_IDS] = _ragged([p.teacher_ids for p in pairs], width(layout.TEACHER_IDS))
+    data[layout.TEACHER_LEN] = np.array([len(p.teacher_ids) for p in pairs], dtype=np.int32)
+    data[layout.RESPONSE_IDS] = _ragged(resp, plan.response_tokens)
+    data[layout.RESPONSE_LEN] = np.array([len(r) for r in resp], dtype=np.int32)
+    labels = [p.label_ids(plan.response_tokens) for p in pairs]
+    data[layout.TARGET_IDS] = _ragged(labels, width(layout.TARGET_IDS))
+    data[layout.TARGET_LEN] = np.array([len(x) for x in labels], dtype=np.int32)
+    data[layout.TEACHER_POSITIONS] = _ragged([tp for tp, _ in pos], plan.position_slots)
+    data[layout.STUDENT_POSITIONS] = _ragged([sp for _, sp in pos], plan.position_slots)
+    data[layout.POSITIONS_LEN] = np.array([len(tp) for tp, _ in pos], dtype=np.int32)
+    pool_index = plan.pool_index
     queries = pool_index if config.split == "train" else {e.id: i for i, e in enumerate(plan.task.eval)}
     # Rows of an --unlabelled-file index no pool example: PAD (-1).
-    data["rows/example_index"] = np.array([queries.get(p.example_id, PAD) for p in pairs], dtype=np.int32)
-    data["rows/demo_index"] = _ragged(
-        [[pool_index[d] for d in p.demo_ids] for p in pairs], width("rows/demo_index")
+    data[layout.EXAMPLE_INDEX] = np.array([queries.get(p.example_id, PAD) for p in pairs], dtype=np.int32)
+    data[layout.DEMO_INDEX] = _ragged(
+        [[pool_index[d] for d in p.demo_ids] for p in pairs], width(layout.DEMO_INDEX)
     )
-    data["rows/split"] = np.array([SPLIT_CODES[p.split] for p in pairs], dtype=np.uint8)
+    data[layout.SPLIT] = np.array([SPLIT_CODES[p.split] for p in pairs], dtype=np.uint8)
     if config.topk_logits:
-        data["logits/topk_values"] = torch.cat(
+        data[layout.TOPK_VALUES] = torch.cat(
             [res["topk_values"].cpu() for res in results]).numpy().astype(np.float32)
-        data["logits/topk_ids"] = torch.cat(
+        data[layout.TOPK_IDS] = torch.cat(
             [res["topk_ids"].cpu() for res in results]).numpy().astype(np.int32)
-    return data
+    return data, errors
 
 
 def _versions() -> dict[str, str]:
@@ -830,118 +898,168 @@ def collect(config: CollectConfig, loaded: Any | None = None,
         planned = plan_collect(config, loaded)
         return CollectResult(planned.cache, planned.key, planned.rows, False, "planned", 0,
                              round(time.perf_counter() - t0, 3), plan=planned.to_dict())
-    tok, info, model_config = _model_parts(config, loaded)
-    plan = _plan(config, tok, info, model_config)
-    store = config.store_path
-    path = store / plan.key
-    existing = Cache.open(path) if (path / "zarr.json").exists() else None
-    if config.repair and existing is not None and distributed.rank0_call(existing.repair):
-        existing = Cache.open(path)  # partial again: the resume below recomputes exactly those shards
+    plan = _plan(config, *_model_parts(config, loaded))
+    existing = _existing(config, plan)
     if existing is not None and existing.status == "complete":
-        log.info("cache %s is complete: reused, no model work", path)
-        return CollectResult(str(path), plan.key, existing.n_rows, True, "complete",
+        log.info("cache %s is complete: reused, no model work", existing.path)
+        return CollectResult(str(existing.path), plan.key, existing.n_rows, True, "complete",
                              existing.bytes_on_disk(), round(time.perf_counter() - t0, 3),
                              manifest=existing.manifest)
-    _check_store_writable(store)  # only now: a complete cache on a read-only store is reused
+    with contextlib.ExitStack() as held:
+        cache, missing = _open_for_writing(config, plan, existing, held)
+        mine = distributed.my_share(missing)  # rank r computes missing[r::W], whole shards only
+        with _ShardWriter(cache, missing, progress) as writer:
+            if mine:
+                log.info("collecting %d of %d shards into %s", len(mine), cache.n_shards, cache.path)
+                loaded = loaded or load_model(config.model)
+                teacher = Teacher(loaded.model, loaded.tokenizer, config.site, plan.layers,
+                                  config.topk_logits)
+                writer.tokens = lambda: teacher.tokens
+            fault_point("collect.before_first_shard")
+            for shard in mine:
+                writer.submit(shard, *_compute_shard(teacher, plan, config, cache, shard))
+        seconds = round(time.perf_counter() - t0, 3)
+        cache = _finish(cache, seconds)
+    # Under torchrun the result counts the work of every rank (identity in one process).
+    n_shards, rows_computed, tokens = (int(x) for x in distributed.all_reduce_sum(
+        [len(mine), writer.rows_computed, teacher.tokens if mine else 0]))
+    return CollectResult(str(cache.path), plan.key, cache.n_rows, False, cache.status,
+                         cache.bytes_on_disk(), seconds, n_shards, rows_computed, tokens,
+                         manifest=cache.manifest)
+
+
+def _existing(config: CollectConfig, plan: _Plan) -> Cache | None:
+    """The cache already under the key, if any (with ``--repair`` its damaged shards dropped, so
+    that the resume recomputes exactly those)."""
+    path = config.store_path / plan.key
+    existing = Cache.open(path) if (path / "zarr.json").exists() else None
+    if config.repair and existing is not None and distributed.rank0_call(existing.repair):
+        existing = Cache.open(path)
+    return existing
+
+
+def _open_for_writing(config: CollectConfig, plan: _Plan, existing: Cache | None,
+                      held: contextlib.ExitStack) -> tuple[Cache, list[int]]:
+    """The cache, created or resumed and locked for the whole job, and its missing shards.
+
+    Checks first that the store is writable and has room (a complete cache on a read-only store
+    was reused before this). Under torchrun rank 0 creates the cache (the arrays are made once),
+    takes its lock and lists the missing shards; every rank gets that list, or rank 0's error,
+    and the others open the cache only after that."""
+    store = config.store_path
+    _check_store_writable(store)
     todo = _rows_to_compute(existing, len(plan.rows))
     _check_room(store, todo * _row_bytes(plan.specs)[0], todo, config)
-    # A shard never holds more rows than the cache (rounded up to whole chunks).
+    # A resumed cache keeps its geometry and its micro-batches (so a resumed shard is computed
+    # bit-identically); a shard never holds more rows than the cache (whole chunks).
     wanted = min(config.shard_rows, -(-len(plan.rows) // config.chunk_rows) * config.chunk_rows)
     rows_per_shard = existing.rows_per_shard if existing else wanted
     rows_per_chunk = existing.rows_per_chunk if existing else config.chunk_rows
-    # Micro-batches are fixed per cache so that a resumed shard is computed bit-identically.
     batch_size = existing.manifest["about"]["batch_size"] if existing else config.batch_size
     about = {"batch_size": batch_size, "model_spec": config.model, "task_spec": config.task,
              "eval_fraction": config.eval_fraction}
     manifest = {**plan.manifest, "about": about, "versions": _versions()}
-    made: dict[str, Cache] = {}
-    with contextlib.ExitStack() as held:
+    created: list[Cache] = []
 
-        def create_and_lock() -> list[int]:
-            made["cache"] = Cache.create_or_open(store, plan.key, manifest, plan.specs, len(plan.rows),
-                                                 rows_per_shard, rows_per_chunk)
-            held.enter_context(made["cache"].lock())  # for the whole job (rank 0 only under torchrun)
-            return made["cache"].missing_shards()
+    def create_and_lock() -> list[int]:
+        cache = Cache.create_or_open(store, plan.key, manifest, plan.specs, len(plan.rows),
+                                     rows_per_shard, rows_per_chunk)
+        held.enter_context(cache.lock())  # for the whole job (rank 0 only under torchrun)
+        created.append(cache)
+        return cache.missing_shards()
 
-        # Under torchrun rank 0 creates the cache (the arrays are made once), takes its lock and
-        # lists the missing shards, then every rank gets that list, or rank 0's error; the others
-        # open the cache only after that. Rank r writes missing[r::W], whole shards only.
-        missing = distributed.rank0_call(create_and_lock)
-        cache = made.get("cache") or Cache.open(path)
-        mine = distributed.my_share(missing)
-        if mine:
-            log.info("collecting %d of %d shards into %s", len(mine), cache.n_shards, path)
-            loaded = loaded or load_model(config.model)
-            teacher = Teacher(loaded.model, tok, config.site, plan.layers, config.topk_logits)
-        pool_index = {e.id: i for i, e in enumerate(plan.task.pool)}
-        done_rows = cache.n_rows - sum(len(range(*cache.shard_rows(s))) for s in missing)
+    missing = distributed.rank0_call(create_and_lock)
+    return (created[0] if created else Cache.open(store / plan.key)), missing
+
+
+def _compute_shard(teacher: Teacher, plan: _Plan, config: CollectConfig, cache: Cache,
+                   shard: int) -> tuple[dict[str, np.ndarray], dict[str, tuple[float, float]], int]:
+    """One shard's arrays (in row order), what a lossy dtype lost, and its row count."""
+    a, b = cache.shard_rows(shard)
+    pairs = list(plan.rows[a:b])
+    # Micro-batches of similar length waste less compute on padding; the order is a pure
+    # function of the shard's rows, so a resumed shard batches identically.
+    order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i].teacher_ids), i))
+    by_len = [pairs[i] for i in order]
+    size = cache.manifest["about"]["batch_size"]
+    results = [_run_teacher(teacher, plan, config, by_len[i : i + size])
+               for i in range(0, len(by_len), size)]
+    data, errors = _shard_data(plan, config, by_len, results)
+    back = np.argsort(order)
+    return {k: arr[back] for k, arr in data.items()}, errors, b - a
+
+
+def _run_teacher(teacher: Teacher, plan: _Plan, config: CollectConfig,
+                 pairs: list[PromptPair]) -> dict[str, Any]:
+    """One micro-batch through the teacher, as the plan and config ask."""
+    return teacher.run(pairs, plan.response_tokens, config.response, config.positions,
+                       plan.task.stop, plan.position_slots)
+
+
+class _ShardWriter:
+    """Writes shards in the background, one at a time, while the next one is computed.
+
+    At most one write is in flight, so ledger entries land in shard order, and a write's error
+    surfaces before the next shard is handed over (or on leaving the ``with``, which never leaves
+    a write running behind an error). Counts the rows written and reports progress after each."""
+
+    def __init__(self, cache: Cache, missing: list[int], progress: Progress | None) -> None:
+        self.cache, self.progress = cache, progress
+        self.rows_computed = 0
+        self.rows_done = cache.n_rows - sum(len(range(*cache.shard_rows(s))) for s in missing)
+        self.tokens: Callable[[], int] = lambda: 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ia2cache-writer")
+        self._pending: tuple[Future, int, int] | None = None
         if progress:
-            progress(done_rows, cache.n_rows, 0)
-        rows_computed = 0
-        fault_point("collect.before_first_shard")
-        # Shard s is written by one background writer while shard s+1 is computed; at most one
-        # write is in flight, so ledger entries still land in shard order, and any write error
-        # surfaces before the next shard is handed over (or at the end).
-        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ia2cache-writer")
-        pending: tuple[Future, int, int] | None = None
+            progress(self.rows_done, cache.n_rows, 0)
 
-        def settle() -> None:
-            nonlocal pending, rows_computed, done_rows
-            if pending is None:
-                return
-            fut, shard, n = pending
-            pending = None
-            try:
-                fut.result()
-            except OSError as exc:
-                # Disk full, quota, read-only remount: the shard has no ledger entry, so the
-                # cache stays partial and a rerun recomputes exactly the missing shards.
-                raise IA2Error(
-                    f"--store {store}: writing shard {shard} of {path} failed ({exc.strerror or exc}); "
-                    f"the cache is left partial with {len(cache.done_shards())} of {cache.n_shards} "
-                    "shards done: free space and rerun the same command to resume"
-                ) from exc
-            rows_computed += n
-            done_rows += n
-            if progress:
-                progress(done_rows, cache.n_rows, teacher.tokens)
+    def __enter__(self) -> _ShardWriter:
+        return self
 
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
         try:
-            for shard in mine:
-                a, b = cache.shard_rows(shard)
-                pairs = list(plan.rows[a:b])
-                # Micro-batches of similar length waste less compute on padding; the order is a
-                # pure function of the shard's rows, so a resumed shard batches identically.
-                order = sorted(range(len(pairs)), key=lambda i: (len(pairs[i].teacher_ids), i))
-                by_len = [pairs[i] for i in order]
-                results = [
-                    teacher.run(by_len[i : i + batch_size], plan.t, config.response, config.positions,
-                                plan.task.stop, plan.p_slots)
-                    for i in range(0, len(by_len), batch_size)
-                ]
-                data = _shard_data(plan, config, by_len, results, pool_index)
-                back = np.argsort(order)
-                settle()
-                pending = (writer.submit(cache.write_shard, shard,
-                                         {k: arr[back] for k, arr in data.items()}), shard, b - a)
-            settle()
+            if exc_type is None:
+                self.wait_for_pending_write()
         finally:
-            writer.shutdown(wait=True)  # never leave a write running behind an error
-        seconds = round(time.perf_counter() - t0, 3)
-        distributed.barrier()  # every rank's shards and ledger entries are in place
-        if distributed.is_main():
-            cache.finalize({"seconds": seconds})
-        distributed.barrier()
-        if not distributed.is_main():
-            cache = Cache.open(path)  # rank 0 marked it complete
-        fault_point("collect.end")
-    tokens = teacher.tokens if mine else 0
-    # Under torchrun the result counts the work of every rank (identity in one process).
-    n_shards, rows_computed, tokens = (
-        int(x) for x in distributed.all_reduce_sum([len(mine), rows_computed, tokens]))
-    return CollectResult(str(path), plan.key, cache.n_rows, False, cache.status,
-                         cache.bytes_on_disk(), seconds, n_shards, rows_computed, tokens,
-                         manifest=cache.manifest)
+            self._pool.shutdown(wait=True)
+
+    def submit(self, shard: int, data: dict[str, np.ndarray], errors: dict[str, tuple[float, float]],
+               n_rows: int) -> None:
+        self.wait_for_pending_write()
+        self._pending = (self._pool.submit(self.cache.write_shard, shard, data, errors), shard, n_rows)
+
+    def wait_for_pending_write(self) -> None:
+        if self._pending is None:
+            return
+        fut, shard, n = self._pending
+        self._pending = None
+        try:
+            fut.result()
+        except OSError as exc:
+            # Disk full, quota, read-only remount: the shard has no ledger entry, so the cache
+            # stays partial and a rerun recomputes exactly the missing shards.
+            cache = self.cache
+            raise IA2Error(
+                f"--store {cache.path.parent}: writing shard {shard} of {cache.path} failed "
+                f"({exc.strerror or exc}); the cache is left partial with {len(cache.done_shards())} "
+                f"of {cache.n_shards} shards done: free space and rerun the same command to resume"
+            ) from exc
+        self.rows_computed += n
+        self.rows_done += n
+        if self.progress:
+            self.progress(self.rows_done, self.cache.n_rows, self.tokens())
+
+
+def _finish(cache: Cache, seconds: float) -> Cache:
+    """Mark the cache complete once every rank's shards and ledger entries are in place."""
+    distributed.barrier()
+    if distributed.is_main():
+        cache.finalize({"seconds": seconds})
+    distributed.barrier()
+    if not distributed.is_main():
+        cache = Cache.open(cache.path)  # rank 0 marked it complete
+    fault_point("collect.end")
+    return cache
 
 
 def _model_parts(config: CollectConfig, loaded: Any | None) -> tuple[Any, Any, Any]:
@@ -956,10 +1074,10 @@ def _model_parts(config: CollectConfig, loaded: Any | None) -> tuple[Any, Any, A
 
 def _check_store_writable(store: Location) -> None:
     try:
-        store.mkdir(parents=True, exist_ok=True)
+        store.mkdir()
     except OSError as exc:
         raise IA2Error(f"--store {store}: cannot create it ({exc.strerror or exc})") from exc
     try:
-        probe_writable(store)  # a new file under a fresh name: never through a link planted there
+        store.probe_writable()  # a new file under a fresh name: never through a link planted there
     except OSError as exc:
         raise IA2Error(f"--store {store}: not writable ({exc.strerror or exc})") from exc

@@ -27,7 +27,6 @@ import torch
 
 from ia2cache import distributed
 from ia2cache._faults import fault_point
-from ia2cache._fs import location
 from ia2cache._io import check_writable_dir, ensure_dir_beneath, write_json_atomic
 from ia2cache.adapters import ADAPTERS, AdapterSpec, attach, position_offset
 from ia2cache.errors import IA2Error
@@ -44,8 +43,8 @@ from ia2cache.outputs import (
 )
 from ia2cache.padding import pad as pad_batch
 from ia2cache.prompts import check_seed
-from ia2cache.sites import decoder_layers, get_site, parse_layers
-from ia2cache.store import Cache, resolve_cache
+from ia2cache.sites import Capture, StopForward, capture, parse_layers
+from ia2cache.store import Cache, act_path, default_store, location, resolve_cache
 
 log = logging.getLogger(__name__)
 
@@ -226,34 +225,10 @@ Progress = Callable[[dict[str, Any]], None]
 # ----------------------------------------------------------------------------- student forward
 
 
-class _StopForward(Exception):
-    """Raised by the last needed hook when no logits are needed: skips the rest of the model."""
-
-
-class _Capture:
-    """Forward hooks that keep the site output of each aligned layer."""
-
-    def __init__(self, model: Any, site: str, layers: list[int]) -> None:
-        mods = decoder_layers(model)
-        self.out: dict[int, torch.Tensor] = {}
-        self.on = False
-        self.stop_at: int | None = None
-        self.handles = [
-            get_site(site).module(mods[i]).register_forward_hook(self._hook(i)) for i in layers
-        ]
-
-    def _hook(self, layer: int) -> Callable[..., None]:
-        def hook(_mod: Any, _args: Any, output: Any) -> None:
-            if self.on:
-                self.out[layer] = output[0] if isinstance(output, tuple) else output
-                if self.stop_at == layer:
-                    raise _StopForward
-
-        return hook
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+def _quiet(cap: Capture) -> Capture:
+    """A capture that records only while a forward needs activations (``_student_out`` sets it)."""
+    cap.on = False
+    return cap
 
 
 def _rows(ids: torch.Tensor, lens: torch.Tensor) -> list[list[int]]:
@@ -301,15 +276,19 @@ class _Run:
     model: Any
     tokenizer: Any
     layers: list[int]
-    capture: _Capture
-    train: CacheLoader
+    capture: Capture
+    labelled: CacheLoader
+    """The N labelled training rows: what every phase with a token objective trains on."""
     dev: CacheLoader
     offset: int
     variances: dict[int, float] | None
     out: Path
     device: torch.device
-    max_steps: int
-    """The step cap per phase (--max-steps, or --epochs converted)."""
+    everything: CacheLoader | None = None
+    """The labelled rows and the cache's unlabelled rows (``collect --unlabelled M``) as one range:
+    what activation phases train on. None without unlabelled rows."""
+    train: CacheLoader = field(init=False)
+    """The phase in progress's training rows (:meth:`use_rows`)."""
     history: list[dict[str, Any]] = field(default_factory=list)
     initial: dict[str, float | None] = field(default_factory=dict)
     """Dev loss of each phase before its first step (keys are phase indices as strings)."""
@@ -323,9 +302,26 @@ class _Run:
     """The training loss as a module (:class:`_Step`), wrapped in DistributedDataParallel under
     torchrun: what a training step calls."""
 
+    def __post_init__(self) -> None:
+        self.train = self.labelled
+
+    def use_rows(self, objective: str) -> None:
+        """Train the next phase on its rows: with unlabelled rows in the cache, an objective that
+        reads no labels (act, and tokl's teacher distribution) takes them too; tok never does."""
+        cls = OBJECTIVES[objective]
+        reads_labels = cls.needs_logits and not cls.needs_topk
+        self.train = self.everything if self.everything is not None and not reads_labels else self.labelled
+
     @property
     def steps_per_epoch(self) -> int:
         return max(1, math.ceil(len(self.train) / self.config.grad_accum))
+
+    @property
+    def max_steps(self) -> int:
+        """The step cap of the phase in progress (--max-steps, or --epochs of its rows)."""
+        if self.config.epochs is not None:
+            return self.config.epochs * self.steps_per_epoch
+        return self.config.max_steps
 
 
 class _Step(torch.nn.Module):
@@ -343,7 +339,7 @@ class _Step(torch.nn.Module):
         self._run = [run]  # not a submodule
 
     def forward(self, batch: Batch, objective: str) -> torch.Tensor:
-        return _losses(self._run[0], batch, objective)
+        return _loss(self._run[0], batch, objective)
 
 
 def _wrap_step(run: _Run) -> Any:
@@ -372,7 +368,7 @@ def _objective(run: _Run, name: str) -> Objective:
     return cls(**{k: v for k, v in settings.items() if k in wanted})
 
 
-def _losses(run: _Run, batch: Batch, objective: str) -> torch.Tensor:
+def _loss(run: _Run, batch: Batch, objective: str) -> torch.Tensor:
     """The loss of one batch under one registered objective."""
     obj = _objective(run, objective)
     return obj.loss(*_student_out(run, batch, obj))
@@ -402,13 +398,13 @@ def _student_out(run: _Run, batch: Batch, obj: Objective) -> tuple[StudentOut, T
         try:
             logits = _forward(run, act_seq, (pos if obj.needs_topk else act_seq.label_pos + run.offset)
                               if want_logits else None)
-        except _StopForward:
+        except StopForward:
             logits = None
         run.capture.on = False
         if obj.needs_acts:
             bi = torch.arange(len(batch.rows), device=dev)[:, None]
             out.acts = {i: run.capture.out[i][bi, pos] for i in run.layers}
-            tgt.acts = {i: batch.acts[i].to(dev).float() for i in run.layers}
+            tgt.acts = batch.activations(dev)  # stored bytes moved, converted on the device
         if obj.needs_topk:
             out.topk_logits = logits
             tgt.topk_values, tgt.topk_ids = batch.topk_values.to(dev), batch.topk_ids.to(dev)
@@ -472,7 +468,7 @@ def _dev_loss(run: _Run, objective: str) -> float | None:
     run.dev.load_state_dict({"epoch": 0, "position": 0, "seed": run.config.seed})
     for batch in run.dev:
         rows = len(batch.rows)
-        total += float(_losses(run, batch, objective)) * rows
+        total += float(_loss(run, batch, objective)) * rows
         n += rows
     return total / n
 
@@ -605,9 +601,7 @@ def _resume(run: _Run) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None, 
 
 def _locate(config: DistillConfig) -> tuple[Cache, Path]:
     """The cache to train from and the output directory (cheap: no model is loaded)."""
-    from ia2cache.collect import default_store
-
-    store = location(config.store) if config.store else default_store()
+    store = location(config.store or default_store())
     cache = Cache.open(resolve_cache(store, config.cache))
     out = Path(config.out).expanduser() if config.out else home() / "runs" / cache.key / config.run_name()
     return cache, out
@@ -657,20 +651,21 @@ def _setup(config: DistillConfig, loaded: LoadedModel | None) -> _Run:
     ranks = dict(rank=distributed.rank(), world_size=distributed.world_size())
     train = CacheLoader(cache, LoaderConfig(split="train", **common, **ranks), **checks)
     dev = CacheLoader(cache, LoaderConfig(split="dev", shuffle=False, **common), **checks)
+    everything = None
+    if manifest.get("n_unlabelled"):
+        everything = CacheLoader(cache, LoaderConfig(split="train+unlabelled", **common, **ranks), **checks)
     variances = None
     if config.normalize:
         site = manifest["site"]
-        variances = {i: float(cache.stats(f"acts/{site}/layer_{i:03d}")["var"]) for i in layers}
+        variances = {i: float(cache.stats(act_path(site), i)["var"]) for i in layers}
     if len(train) == 0:
         raise IA2Error(f"--cache {cache.path}: no training rows to train on")
-    steps_per_epoch = max(1, math.ceil(len(train) / config.grad_accum))
-    max_steps = config.epochs * steps_per_epoch if config.epochs is not None else config.max_steps
     if distributed.is_main():  # only rank 0 writes --out
         out.mkdir(parents=True, exist_ok=True)
     return _Run(config=config, cache=cache, model=model, tokenizer=loaded.tokenizer, layers=layers,
-                capture=_Capture(model, manifest["site"], layers), train=train, dev=dev,
+                capture=_quiet(capture(model, manifest["site"], layers)), labelled=train, dev=dev,
                 offset=position_offset(config.adapter, aspec), variances=variances, out=out,
-                device=loaded.device, max_steps=max_steps)
+                device=loaded.device, everything=everything)
 
 
 # ----------------------------------------------------------------------------- train
@@ -685,6 +680,30 @@ def _diverged(run: _Run, phase: int, objective: str, step: int, lr: float, value
     )
 
 
+@dataclass
+class _Phase:
+    """One phase's training state: what a checkpoint keeps and early stopping reads."""
+
+    phase: int
+    objective: str
+    lr: float
+    step: int = 0
+    bad: int = 0
+    """Evaluations since the last significant improvement (patience's count)."""
+    best_step: int = 0
+    best_loss: float = float("inf")
+    mark: float = float("inf")
+    """The score at the last significant improvement (patience's reference)."""
+    best: dict[str, torch.Tensor] | None = None
+    """The best step's trainable weights."""
+    since: float = 0.0
+    since_rows: int = 0
+
+    def checkpoint(self, loader: dict[str, Any]) -> dict[str, Any]:
+        return {"phase": self.phase, "step": self.step, "best_loss": self.best_loss, "mark": self.mark,
+                "best_step": self.best_step, "bad": self.bad, "loader": loader}
+
+
 def _train_phase(run: _Run, phase: int, objective: str, lr: float, state: dict[str, Any],
                  best: dict[str, torch.Tensor] | None, optim_state: dict | None,
                  progress: Progress | None) -> dict[str, Any]:
@@ -693,101 +712,114 @@ def _train_phase(run: _Run, phase: int, objective: str, lr: float, state: dict[s
     ``state`` is a fresh phase (``step`` 0, no ``loader``) or a checkpoint's. Returns the
     phase's record: lr, best_step (0: the initial state), steps_run, capped, epochs."""
     cfg = run.config
-    params = list(_trainable(run.model).values())
-    opt = torch.optim.Adam(params, lr=lr)  # a fresh optimizer per phase (a2t, t2a)
+    run.use_rows(objective)  # with unlabelled rows: act phases read them, tok phases never
+    opt = torch.optim.Adam(list(_trainable(run.model).values()), lr=lr)  # fresh per phase (a2t, t2a)
     if optim_state is not None:
         opt.load_state_dict(optim_state)
-    st = dict(state)
-    if st.get("loader") is None:  # a phase not begun: weigh tna, score the initial state
-        if objective == "tna":
-            run.tna_scale = _tna_scale(run)
-        init = distributed.broadcast_object(_dev_loss(run, objective))
-        run.initial[str(phase)] = init
-        if init is not None and not math.isfinite(init):
-            raise _diverged(run, phase, objective, 0, lr, init)
-        # The initial state is a candidate: a phase that never helps dev restores it (best_step 0).
-        start = init if init is not None else float("inf")
-        st.update(step=0, bad=0, best_step=0, best_loss=start, mark=start)
-        best = _snapshot(run.model)
-        run.history.append({"phase": phase, "objective": objective, "step": 0, "epoch": 0,
-                            "train_loss": None, "dev_loss": init})
-        run.train.set_epoch(phase * _EPOCH_STRIDE)
-    else:
-        run.train.load_state_dict(st["loader"])
-    step, bad = int(st["step"]), int(st["bad"])
-    best_loss, best_step = float(st["best_loss"]), int(st["best_step"])
-    mark = float(st["mark"])  # the loss at the last significant improvement (patience's reference)
-    since, since_rows, acc = 0.0, 0, 0
+    ph = _begin_phase(run, _Phase(phase, objective, lr), state, best)
+    acc = 0
     t_loop = time.perf_counter()
-    while step < run.max_steps and bad < cfg.patience:
+    while ph.step < run.max_steps and ph.bad < cfg.patience:
         run.model.train()
         opt.zero_grad(set_to_none=True)
         for batch in run.train:
-            end_of_epoch = run.train.position == len(run.train)
-            sync = acc + 1 >= cfg.grad_accum or end_of_epoch  # the last micro-batch of a step
-            # DDP reduces gradients in the last micro-batch's backward only (no_sync before).
-            ddp = hasattr(run.step, "no_sync")
-            quiet = run.step.no_sync() if not sync and ddp else contextlib.nullcontext()
-            with quiet:
-                loss = run.step(batch, objective)
-                value = loss.item()
-                if not math.isfinite(value):
-                    raise _diverged(run, phase, objective, step + 1, lr, value)
-                # This rank's share of the global batch, weighted so that the rank-averaged
-                # gradient is the gradient of the global batch's mean loss (1 with equal shares).
-                share = len(batch.rows) * distributed.world_size() / batch.global_rows
-                (loss * share / cfg.grad_accum).backward()
-            since += value * len(batch.rows)
-            since_rows += len(batch.rows)
+            # The last micro-batch of a step: DDP reduces gradients in its backward only.
+            sync = acc + 1 >= cfg.grad_accum or run.train.position == len(run.train)
+            value = _backward(run, ph, batch, sync)
             acc += 1
             if not sync:
                 continue
             opt.step()
             opt.zero_grad(set_to_none=True)
             acc = 0
-            step += 1
+            ph.step += 1
             if progress:
-                progress({"phase": phase, "objective": objective, "step": step, "steps": run.max_steps,
-                          "epoch": step // run.steps_per_epoch, "loss": value})
-            if step % cfg.eval_every and step < run.max_steps:
+                progress({"phase": phase, "objective": objective, "step": ph.step, "steps": run.max_steps,
+                          "epoch": ph.step // run.steps_per_epoch, "loss": value})
+            if ph.step % cfg.eval_every and ph.step < run.max_steps:
                 continue
-            # An evaluation: early stopping's clock, and a checkpoint.
             run.loop_seconds += time.perf_counter() - t_loop
-            total, rows = distributed.all_reduce_sum([since, since_rows])
-            train_loss = total / max(rows, 1)
-            since, since_rows = 0.0, 0
-            dev_loss = distributed.broadcast_object(_dev_loss(run, objective))
-            score = dev_loss if dev_loss is not None else train_loss
-            if not math.isfinite(score):
-                raise _diverged(run, phase, objective, step, lr, score)
-            if score < best_loss:
-                best_loss, best_step, best = score, step, _snapshot(run.model)
-            if score < mark * (1.0 - cfg.min_delta) or math.isinf(mark):
-                mark, bad = score, 0
-            else:
-                bad += 1
-            epoch = (step - 1) // run.steps_per_epoch
-            run.history.append({"phase": phase, "objective": objective, "step": step, "epoch": epoch,
-                                "train_loss": train_loss, "dev_loss": dev_loss})
-            if progress:
-                progress({"phase": phase, "objective": objective, "step": step, "epoch": epoch,
-                          "train_loss": train_loss, "dev_loss": dev_loss, "evaluation": True})
-            _save_checkpoint(run, {"phase": phase, "step": step, "best_loss": best_loss, "mark": mark,
-                                   "best_step": best_step, "bad": bad, "loader": run.train.state_dict()},
-                             opt, best)
-            fault_point("distill.after_checkpoint")
+            _evaluate(run, ph, opt, progress)  # early stopping's clock, and a checkpoint
             run.model.train()
             t_loop = time.perf_counter()
-            if bad >= cfg.patience or step >= run.max_steps:
+            if ph.bad >= cfg.patience or ph.step >= run.max_steps:
                 break
     run.loop_seconds += time.perf_counter() - t_loop
-    if best is not None:
-        _restore(run.model, best)  # really restore the best step's weights
+    if ph.best is not None:
+        _restore(run.model, ph.best)  # really restore the best step's weights
     spe = run.steps_per_epoch
-    return {"objective": objective, "lr": lr, "best_step": best_step, "steps_run": step,
-            "capped": bad < cfg.patience, "best_epoch": (best_step - 1) // spe if best_step else -1,
-            "epochs_run": math.ceil(step / spe), "max_steps": run.max_steps,
+    return {"objective": objective, "lr": lr, "best_step": ph.best_step, "steps_run": ph.step,
+            "capped": ph.bad < cfg.patience, "best_epoch": (ph.best_step - 1) // spe if ph.best_step else -1,
+            "epochs_run": math.ceil(ph.step / spe), "max_steps": run.max_steps,
             "eval_every": cfg.eval_every, "patience": cfg.patience, "min_delta": cfg.min_delta}
+
+
+def _begin_phase(run: _Run, ph: _Phase, state: dict[str, Any],
+                 best: dict[str, torch.Tensor] | None) -> _Phase:
+    """A phase not begun: weigh tna, score the initial state (a candidate: a phase that never
+    helps dev restores it, best_step 0). A resumed phase: its checkpoint's state."""
+    if state.get("loader") is not None:
+        run.train.load_state_dict(state["loader"])
+        ph.step, ph.bad, ph.best_step = int(state["step"]), int(state["bad"]), int(state["best_step"])
+        ph.best_loss, ph.mark, ph.best = float(state["best_loss"]), float(state["mark"]), best
+        return ph
+    if ph.objective == "tna":
+        run.tna_scale = _tna_scale(run)
+    init = distributed.broadcast_object(_dev_loss(run, ph.objective))
+    run.initial[str(ph.phase)] = init
+    if init is not None and not math.isfinite(init):
+        raise _diverged(run, ph.phase, ph.objective, 0, ph.lr, init)
+    ph.best_loss = ph.mark = init if init is not None else float("inf")
+    ph.best = _snapshot(run.model)
+    run.history.append({"phase": ph.phase, "objective": ph.objective, "step": 0, "epoch": 0,
+                        "train_loss": None, "dev_loss": init})
+    run.train.set_epoch(ph.phase * _EPOCH_STRIDE)
+    return ph
+
+
+def _backward(run: _Run, ph: _Phase, batch: Batch, sync: bool) -> float:
+    """One micro-batch's forward and backward (DDP's gradient reduce only when ``sync``); returns
+    its loss."""
+    quiet = run.step.no_sync() if not sync and hasattr(run.step, "no_sync") else contextlib.nullcontext()
+    with quiet:
+        loss = run.step(batch, ph.objective)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise _diverged(run, ph.phase, ph.objective, ph.step + 1, ph.lr, value)
+        # This rank's share of the global batch, weighted so that the rank-averaged gradient is
+        # the gradient of the global batch's mean loss (1 with equal shares).
+        share = len(batch.rows) * distributed.world_size() / batch.global_rows
+        (loss * share / run.config.grad_accum).backward()
+    ph.since += value * len(batch.rows)
+    ph.since_rows += len(batch.rows)
+    return value
+
+
+def _evaluate(run: _Run, ph: _Phase, opt: torch.optim.Optimizer, progress: Progress | None) -> None:
+    """Score dev (the train loss without dev rows), keep the best state, count patience, record
+    the history and write a checkpoint."""
+    cfg = run.config
+    total, rows = distributed.all_reduce_sum([ph.since, ph.since_rows])
+    train_loss = total / max(rows, 1)
+    ph.since, ph.since_rows = 0.0, 0
+    dev_loss = distributed.broadcast_object(_dev_loss(run, ph.objective))
+    score = dev_loss if dev_loss is not None else train_loss
+    if not math.isfinite(score):
+        raise _diverged(run, ph.phase, ph.objective, ph.step, ph.lr, score)
+    if score < ph.best_loss:
+        ph.best_loss, ph.best_step, ph.best = score, ph.step, _snapshot(run.model)
+    if score < ph.mark * (1.0 - cfg.min_delta) or math.isinf(ph.mark):
+        ph.mark, ph.bad = score, 0
+    else:
+        ph.bad += 1
+    epoch = (ph.step - 1) // run.steps_per_epoch
+    run.history.append({"phase": ph.phase, "objective": ph.objective, "step": ph.step, "epoch": epoch,
+                        "train_loss": train_loss, "dev_loss": dev_loss})
+    if progress:
+        progress({"phase": ph.phase, "objective": ph.objective, "step": ph.step, "epoch": epoch,
+                  "train_loss": train_loss, "dev_loss": dev_loss, "evaluation": True})
+    _save_checkpoint(run, ph.checkpoint(run.train.state_dict()), opt, ph.best)
+    fault_point("distill.after_checkpoint")
 
 
 def _take_first_phase(run: _Run) -> None:
@@ -946,7 +978,8 @@ def _save_outputs(run: _Run, final: dict[str, float | None], seconds: float) -> 
         "cache": str(run.cache.path),
         "cache_manifest": {k: m.get(k) for k in ("task", "n", "k", "seed", "site", "layers", "dtype",
                                                   "response", "max_new_tokens", "positions", "model",
-                                                  "n_train", "n_dev", "sft_labels")},
+                                                  "n_train", "n_dev", "n_unlabelled", "distinct_unlabelled",
+                                                  "sft_labels")},
         "model_spec": run.config.model or m.get("about", {}).get("model_spec", "default"),
         "task_spec": m.get("about", {}).get("task_spec", m.get("task")),
         "phases": run.phases,
@@ -960,8 +993,11 @@ def _save_outputs(run: _Run, final: dict[str, float | None], seconds: float) -> 
         "tna_scale": run.tna_scale,
         "final": final,
         "seconds": seconds,
-        "data_wait_seconds": round(run.train.wait_seconds, 4),
-        "skipped_damaged_rows": {"train": run.train.skipped_rows, "dev": run.dev.skipped_rows},
+        "data_wait_seconds": round(run.labelled.wait_seconds + (run.everything.wait_seconds
+                                                              if run.everything else 0.0), 4),
+        "skipped_damaged_rows": {"train": run.labelled.skipped_rows, "dev": run.dev.skipped_rows,
+                                 **({"unlabelled": run.everything.skipped_rows - run.labelled.skipped_rows}
+                                    if run.everything else {})},
         "train_loop_seconds": round(run.loop_seconds, 4),
     }
     if not distributed.is_main():

@@ -13,16 +13,25 @@ chosen slot whose old row is emitted; at the end the buffer drains in random ord
 that one generator. Batches are consecutive slices of that order.
 
 How data is read: never the whole store. A daemon thread reads chunk by chunk, in the order
-the remaining batches first need them, only the asked layers' arrays (and top-k logits), and
-hands the decoded chunks over a queue of ``prefetch`` entries. The small ``tokens/`` arrays
-are read once per loader, for the split only.
+the remaining batches first need them, ``prefetch`` chunks at a time in one concurrent zarr call
+(:meth:`~ia2cache.store.Cache.read_many`): each chunk is one read of the one activation array
+``acts/<site>`` for the asked layers, checked by zarr's crc32c codec, plus the top-k logits. The
+small ``tokens/`` arrays are read once per loader, for the split only. A read that fails is
+narrowed to the chunk, and the damage is named by array and rows (or, with ``skip_damaged``, its
+rows were left out up front).
+
+What a batch holds: activations in the *stored* dtype (bf16 stays bf16; int8 comes with its
+scales in :attr:`Batch.act_scales`), so that a GPU receives half the bytes (or a quarter) and
+the conversion to float happens on the device (:meth:`Batch.activations`). With CUDA present the
+batches are gathered into pinned memory, so that ``.to(device, non_blocking=True)`` overlaps.
 
 Memory: the assembler keeps decoded chunks until all their rows of the epoch are emitted. A
 row can sit in the shuffle buffer for long, so a chunk whose rows are at least half emitted
 has its remaining rows copied into a compact block and the chunk is dropped; every block then
 holds at most twice its pending rows, and the rows held decoded stay below
 ``2 * (batch_size + shuffle_buffer + rows_per_chunk)`` (:attr:`CacheLoader.max_rows_held`), on top
-of the ``prefetch`` chunks in flight. Each row is copied at most about once more this way.
+of at most ``2 * prefetch`` chunks in flight (a group being read, and the queue). Each row is
+copied at most about once more this way.
 
 Launch: ``for batch in CacheLoader("<store>/<key>", LoaderConfig(batch_size=4)): ...``
 """
@@ -30,12 +39,10 @@ Launch: ``for batch in CacheLoader("<store>/<key>", LoaderConfig(batch_size=4)):
 from __future__ import annotations
 
 import logging
-import lzma
 import math
 import queue
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -45,7 +52,8 @@ import numpy as np
 import torch
 
 from ia2cache.errors import IA2Error
-from ia2cache.store import Cache, decode_activations, digest
+from ia2cache.store import ArraySpec, Cache, act_path, check_chunk, decode_activations, dequantize, layout
+from ia2cache.store.ledger import DAMAGE_ERRORS
 
 if TYPE_CHECKING:
     from ia2cache.models import ModelInfo
@@ -54,14 +62,7 @@ __all__ = ["Batch", "CacheLoader", "LoaderConfig"]
 
 log = logging.getLogger(__name__)
 
-# What reading a damaged chunk raises: ia2cache's own checks (shard index, undecodable chunk), zarr
-# (its errors are ValueErrors), the codecs (numcodecs/blosc: RuntimeError; zlib/lzma; EOFError on a
-# short stream). Anything else is a bug, not damage, and is never skipped under skip_damaged.
-_DAMAGE_ERRORS: tuple[type[BaseException], ...] = (
-    IA2Error, ValueError, RuntimeError, EOFError, zlib.error, lzma.LZMAError,
-)
-
-SPLITS = ("train", "dev")
+SPLITS = ("train", "dev", "train+unlabelled")
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -69,16 +70,16 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 }
 _FP16_MAX = 65504.0
 _TOKENS = (
-    "student_ids",
-    "student_len",
-    "response_ids",
-    "response_len",
-    "target_ids",
-    "target_len",
-    "student_positions",
-    "positions_len",
+    layout.STUDENT_IDS,
+    layout.STUDENT_LEN,
+    layout.RESPONSE_IDS,
+    layout.RESPONSE_LEN,
+    layout.TARGET_IDS,
+    layout.TARGET_LEN,
+    layout.STUDENT_POSITIONS,
+    layout.POSITIONS_LEN,
 )
-_TOPK = ("topk_values", "topk_ids")
+_TOPK = (layout.TOPK_VALUES, layout.TOPK_IDS)
 _JOIN_SECONDS = 30.0
 
 
@@ -89,7 +90,8 @@ class LoaderConfig:
     batch_size: int = 4
     """Rows per batch."""
     split: str = "train"
-    """Which rows: train or dev."""
+    """Which rows: ``train`` (the N labelled rows), ``dev``, or ``train+unlabelled`` (the labelled
+    rows and those of ``collect --unlabelled M``, which carry activations but no targets)."""
     layers: tuple[int, ...] | None = None
     """Layers to load, a subset of the cache's; None: all stored; (): none (token objectives)."""
     seed: int = 0
@@ -98,10 +100,12 @@ class LoaderConfig:
     """Shuffle the rows each epoch; False: row order (dev loaders)."""
     shuffle_buffer: int = 64
     """Rows in the shuffle buffer; more mixes better and holds more rows in memory."""
-    prefetch: int = 2
-    """Decoded chunks a background thread reads ahead."""
-    dtype: str = "float32"
-    """Training dtype of activations: float32, bfloat16 or float16."""
+    prefetch: int = 4
+    """Chunks the background thread reads ahead, in one concurrent zarr call (whose fixed cost,
+    ~1 ms, is then paid once for all of them)."""
+    dtype: str | None = None
+    """Activations as stored (None: bf16 stays bf16, int8 comes with its scales; convert on the
+    device with :meth:`Batch.activations`), or float32, bfloat16 or float16 here, in the loader."""
     drop_last: bool = False
     """Drop the last batch of an epoch when it is short."""
     topk: bool = True
@@ -110,27 +114,31 @@ class LoaderConfig:
     """Keep decoded chunks across epochs when the split's activations fit in this many MB (a
     few-shot cache does), so later epochs read nothing from disk; 0 always streams."""
     read_rows: int | None = None
-    """Rows read per zarr call and permuted as one unit; None: the cache's chunk. A multiple of
-    the chunk, e.g. the shard, amortises zarr's per-call cost (1-2 ms) on big caches at the price
-    of coarser shuffling (the shuffle buffer still mixes rows within its window)."""
+    """Rows read per unit and permuted as one unit; None: the cache's chunk. A multiple of the
+    chunk, e.g. the shard, makes fewer, larger reads at the price of coarser shuffling (the
+    shuffle buffer still mixes rows within its window)."""
     rank: int = 0
     """Data-parallel rank (torchrun): each batch holds only this rank's share of the global batch."""
     world_size: int = 1
     """Data-parallel ranks. Batch k of the epoch is the same global batch of ``batch_size`` rows
     as in one process; rank r gets its rows r, r+W, ... (the order is unchanged)."""
-    checksums: bool = True
-    """Check every chunk read against its sha256 in the ledger; a damaged chunk (flipped bytes, a
-    truncated or deleted shard file) raises IA2Error naming the array and rows. Hashing runs in
-    the reader thread, beside training."""
+    checksums: bool = False
+    """Also compare every chunk read with its sha256 in the ledger, as ``verify`` does (zarr's
+    crc32c checks every read anyway: flipped bytes, truncated or deleted shard files). sha256 also
+    catches a shard file swapped for another cache's; it costs about 1.5 ms a MB here."""
     skip_damaged: bool = False
     """Train without the rows of damaged chunks instead of failing: the split is read once up
-    front to find them, and how many rows are dropped is logged (:attr:`CacheLoader.skipped_rows`)."""
+    front and every chunk checked against the ledger's sha256; how many rows are dropped is
+    logged (:attr:`CacheLoader.skipped_rows`)."""
+    pin_memory: bool | None = None
+    """Gather batches into pinned memory (faster, asynchronous copies to a GPU); None: when CUDA is
+    available."""
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise IA2Error(f"--batch-size {self.batch_size}: must be at least 1")
         if self.split not in SPLITS:
-            raise IA2Error(f"split {self.split!r}: choose train or dev")
+            raise IA2Error(f"split {self.split!r}: choose one of {', '.join(SPLITS)}")
         if self.layers is not None:
             layers = tuple(int(i) for i in self.layers)
             if any(i < 0 for i in layers) or len(set(layers)) != len(layers):
@@ -142,10 +150,9 @@ class LoaderConfig:
             raise IA2Error(f"shuffle_buffer {self.shuffle_buffer}: must be at least 1")
         if self.prefetch < 1:
             raise IA2Error(f"prefetch {self.prefetch}: must be at least 1")
-        if self.dtype not in TORCH_DTYPES:
-            raise IA2Error(f"loader dtype {self.dtype!r}: choose one of {', '.join(TORCH_DTYPES)}")
-        if self.skip_damaged and not self.checksums:
-            raise IA2Error("--skip-damaged needs checksums on: damage is found through them")
+        if self.dtype is not None and self.dtype not in TORCH_DTYPES:
+            raise IA2Error(f"loader dtype {self.dtype!r}: choose one of {', '.join(TORCH_DTYPES)}, or "
+                           "None (as stored)")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise IA2Error(f"rank {self.rank} of world size {self.world_size}: need 0 <= rank < world")
 
@@ -173,7 +180,9 @@ class Batch:
     position_mask: torch.Tensor
     """(B, P) bool: True at the slots that hold an aligned position."""
     acts: dict[int, torch.Tensor]
-    """Layer -> (B, P, H) teacher activations in the loader's dtype; zero at masked slots."""
+    """Layer -> (B, P, H) teacher activations, zero at masked slots: in the stored dtype
+    (bfloat16, float16, float32, or int8 with :attr:`act_scales`) unless the loader's ``dtype``
+    converted them. :meth:`activations` gives float32 on a device."""
     topk_values: torch.Tensor | None = None
     """(B, P, K) float32 teacher top-k log-probs, or None."""
     topk_ids: torch.Tensor | None = None
@@ -181,6 +190,8 @@ class Batch:
     global_rows: int = 0
     """Rows of the global batch this batch is a share of (data-parallel ranks); equals B alone
     (0, the default, means B)."""
+    act_scales: dict[int, torch.Tensor] | None = None
+    """Layer -> (B, P) float32 scales of int8 activations (value = int8 x scale); None otherwise."""
 
     def __post_init__(self) -> None:
         if self.global_rows <= 0:
@@ -189,14 +200,30 @@ class Batch:
     def __len__(self) -> int:
         return int(self.rows.shape[0])
 
+    def activations(self, device: torch.device | str) -> dict[int, torch.Tensor]:
+        """Layer -> (B, P, H) float32 teacher activations on ``device``: the stored bytes are moved
+        (asynchronously from pinned memory) and converted, and int8 scaled, there."""
+        dev = torch.device(device)
+        blocking = dev.type == "cpu"
+        scales = self.act_scales or {}
+        out = {}
+        for i, a in self.acts.items():
+            s = scales.get(i)
+            out[i] = dequantize(a.to(dev, non_blocking=not blocking),
+                                None if s is None else s.to(dev, non_blocking=not blocking))
+        return out
+
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """A copy with every tensor on ``device``."""
 
         def move(t: Any) -> Any:
             return t.to(device, non_blocking=non_blocking) if isinstance(t, torch.Tensor) else t
 
-        kw: dict[str, Any] = {f.name: move(getattr(self, f.name)) for f in fields(self) if f.name != "acts"}
+        skip = ("acts", "act_scales")
+        kw: dict[str, Any] = {f.name: move(getattr(self, f.name)) for f in fields(self) if f.name not in skip}
         kw["acts"] = {i: move(a) for i, a in self.acts.items()}
+        scales = self.act_scales
+        kw["act_scales"] = None if scales is None else {i: move(a) for i, a in scales.items()}
         return Batch(**kw)
 
 
@@ -240,8 +267,9 @@ class _Block:
 class _Assembler:
     """Holds decoded blocks, gathers batches from them, and drops or compacts spent ones."""
 
-    def __init__(self, start: int, pending: np.ndarray) -> None:
+    def __init__(self, start: int, pending: np.ndarray, pin: bool = False) -> None:
         self.start = start
+        self.pin = pin
         self.pending = pending  # over the split's rows: still to be emitted this epoch
         self.block_of = np.full(len(pending), -1, dtype=np.int64)
         self.local_of = np.zeros(len(pending), dtype=np.int64)
@@ -276,7 +304,7 @@ class _Assembler:
         if len(groups) == 1:
             (bid,) = groups
             idx = torch.from_numpy(self.local_of[off])
-            out = {k: self.blocks[bid].data[k].index_select(0, idx) for k in keys}
+            out = {k: self._select(self.blocks[bid].data[k], idx) for k in keys}
         else:
             # Gather block by block straight into the batch's rows: one copy per byte moved.
             locs = {b: torch.from_numpy(self.local_of[off[g]]) for b, g in groups.items()}
@@ -284,7 +312,7 @@ class _Assembler:
 
             def gather(k: str) -> torch.Tensor:
                 first = self.blocks[next(iter(groups))].data[k]
-                out = first.new_empty((len(rows), *first.shape[1:]))
+                out = torch.empty((len(rows), *first.shape[1:]), dtype=first.dtype, pin_memory=self.pin)
                 for b in groups:
                     out.index_copy_(0, dest[b], self.blocks[b].data[k].index_select(0, locs[b]))
                 return out
@@ -296,6 +324,13 @@ class _Assembler:
             self.blocks[b].live -= len(g)
         self._release(list(groups))
         return out
+
+    def _select(self, src: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """``src[idx]`` along rows, into pinned memory when asked."""
+        if not self.pin:
+            return src.index_select(0, idx)
+        out = torch.empty((len(idx), *src.shape[1:]), dtype=src.dtype, pin_memory=True)
+        return torch.index_select(src, 0, idx, out=out)
 
     def _release(self, touched: list[int]) -> None:
         """Drop spent blocks; merge the pending rows of half-spent ones into one new block."""
@@ -338,18 +373,22 @@ def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
 
 
 def _reader(
-    read: Callable[[int, int], dict[str, torch.Tensor]],
+    read: Callable[[list[tuple[int, int]]], list[dict[str, torch.Tensor]]],
     chunks: list[tuple[int, int]],
+    group: int,
     q: queue.Queue,
     stop: threading.Event,
 ) -> None:
-    """Body of the reader thread: read and decode ``chunks`` in order into ``q``."""
+    """Body of the reader thread: read and decode ``chunks`` in order, ``group`` at a time (one
+    concurrent read), into ``q``."""
     try:
-        for a, b in chunks:
+        for g in range(0, len(chunks), group):
             if stop.is_set():
                 return
-            if not _put(q, (a, b, read(a, b)), stop):
-                return
+            units = chunks[g : g + group]
+            for (a, b), data in zip(units, read(units), strict=True):
+                if not _put(q, (a, b, data), stop):
+                    return
     except BaseException as e:  # handed to the consumer, which re-raises it
         _put(q, _Failure(e), stop)
 
@@ -409,24 +448,28 @@ class CacheLoader:
                 f"again with the same options to finish it"
             )
         if model_info is not None:
-            self._check_model(manifest, model_info, allow_model_mismatch)
-        self._rows = self._split_rows(manifest)
+            self._check_model(model_info, allow_model_mismatch)
+        self._rows = self._split_rows()
         self._unit = config.read_rows or self.cache.rows_per_chunk
         if self._unit % self.cache.rows_per_chunk:
             raise IA2Error(
                 f"read_rows {config.read_rows}: must be a multiple of the cache's chunk "
                 f"({self.cache.rows_per_chunk} rows)"
             )
-        self._layers, self._act_paths = self._resolve_layers(manifest)
-        self._topk = config.topk and all(f"logits/{k}" in self.cache.specs for k in _TOPK)
-        missing = [f"tokens/{k}" for k in _TOKENS if f"tokens/{k}" not in self.cache.specs]
+        self._layers = self._resolve_layers()
+        site = manifest.site or ""
+        self._acts = act_path(site) if self._layers else None
+        spec = self.cache.specs.get(self._acts) if self._acts else None
+        self._scales = spec.scales if spec is not None else None
+        self._logical = spec.logical_dtype if spec is not None else None
+        self._topk = config.topk and all(k in self.cache.specs for k in _TOPK)
+        missing = [k for k in _TOKENS if k not in self.cache.specs]
         if missing:
             raise IA2Error(f"cache {self.cache.path} lacks the arrays {missing}; collect it again")
-        for p in [*self._act_paths.values(), *(f"logits/{k}" for k in _TOPK if self._topk)]:
+        for p in self._paths():
             self.cache.array(p)  # open once here, not concurrently in reader threads
         if config.dtype == "float16":
             self._check_fp16()
-        self._ledger: dict[int, dict] = {}
         # (array, first row of chunk) -> why it is damaged; rows of the split still used.
         self._damaged: dict[tuple[str, int], str] = {}
         self._good: np.ndarray | None = None
@@ -434,6 +477,7 @@ class CacheLoader:
         if config.skip_damaged:
             self._scan_damage()
         self._check_shares()  # after the scan: skipped rows leave every epoch's order
+        self._pin = torch.cuda.is_available() if config.pin_memory is None else config.pin_memory
         self.epoch = 0
         self.position = 0
         self._tokens: dict[str, torch.Tensor] | None = None
@@ -442,19 +486,29 @@ class CacheLoader:
         self.chunks_read = 0
         self.max_rows_held = 0
         self.max_chunks_held = 0
-        itemsize = torch.empty((), dtype=TORCH_DTYPES[config.dtype]).element_size()
-        split_mb = len(self._rows) * sum(
-            int(np.prod(self.cache.specs[p].shape)) * itemsize for p in self._act_paths.values()
-        ) / 1e6
         # Decoded chunks by row range, reused by every later epoch; None: stream every epoch.
-        self._memo: dict[tuple[int, int], dict[str, torch.Tensor]] | None = (
-            {} if split_mb <= config.keep_in_memory_mb else None
+        self._kept_chunks: dict[tuple[int, int], dict[str, torch.Tensor]] | None = (
+            {} if self._split_mb(spec) <= config.keep_in_memory_mb else None
         )
+
+    def _split_mb(self, spec: ArraySpec | None) -> float:
+        """MB of activations the split's rows take as the loader yields them."""
+        if spec is None:
+            return 0.0
+        dtype = self.config.dtype
+        itemsize = (torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size() if dtype
+                    else np.dtype(spec.dtype).itemsize)
+        return len(self._rows) * int(np.prod(spec.shape[1:])) * len(self._layers) * itemsize / 1e6
 
     # ------------------------------------------------------------------ checks
 
-    def _check_model(self, manifest: dict, info: ModelInfo, allow: bool) -> None:
-        model = manifest.get("model", {})
+    def _paths(self) -> list[str]:
+        """The row arrays each chunk read reads: activations (and scales), top-k."""
+        out = [p for p in (self._acts, self._scales) if p]
+        return out + (list(_TOPK) if self._topk else [])
+
+    def _check_model(self, info: ModelInfo, allow: bool) -> None:
+        model = self.cache.manifest.get("model", {})
         stored = (model.get("fingerprint"), model.get("tokenizer_fingerprint"))
         given = (info.fingerprint, info.tokenizer_fingerprint)
         if stored == given:
@@ -467,22 +521,28 @@ class CacheLoader:
             raise IA2Error(f"{msg}; pass --allow-model-mismatch to train on it anyway")
         log.warning("%s; going on (--allow-model-mismatch)", msg)
 
-    def _split_rows(self, manifest: dict) -> range:
-        if manifest.get("split", "train") != "train":
+    def _split_rows(self) -> range:
+        m = self.cache.manifest
+        if m.split != "train":
             raise IA2Error(
-                f"cache {self.cache.path} holds {manifest.get('split')} rows (collect --split "
-                f"{manifest.get('split')}), for `ia2cache analyze`; distill needs a train cache: "
-                "collect it without --split"
+                f"cache {self.cache.path} holds {m.split} rows (collect --split {m.split}), for "
+                "`ia2cache analyze`; distill needs a train cache: collect it without --split"
             )
-        try:
-            n_train, n_dev = int(manifest["n_train"]), int(manifest["n_dev"])
-        except (KeyError, TypeError, ValueError):
-            raise IA2Error(f"cache {self.cache.path}: the manifest lacks n_train/n_dev") from None
-        if n_train + n_dev != self.cache.n_rows:
+        n_train, n_dev = m.count("n_train"), m.count("n_dev")
+        n_unl = m.count("n_unlabelled") or 0
+        if n_train is None or n_dev is None:
+            raise IA2Error(f"cache {self.cache.path}: the manifest lacks n_train/n_dev")
+        if n_train + n_unl + n_dev != self.cache.n_rows:
             raise IA2Error(
-                f"cache {self.cache.path}: n_train {n_train} + n_dev {n_dev} != rows {self.cache.n_rows}"
+                f"cache {self.cache.path}: n_train {n_train} + n_unlabelled {n_unl} + n_dev {n_dev} "
+                f"!= rows {self.cache.n_rows}"
             )
-        rows = range(0, n_train) if self.config.split == "train" else range(n_train, n_train + n_dev)
+        # Rows are stored train | unlabelled | dev (prompts.build_rows).
+        rows = {
+            "train": range(0, n_train),
+            "train+unlabelled": range(0, n_train + n_unl),
+            "dev": range(n_train + n_unl, n_train + n_unl + n_dev),
+        }[self.config.split]
         if not rows:
             raise IA2Error(f"cache {self.cache.path} has no {self.config.split} rows")
         return rows
@@ -500,32 +560,21 @@ class CacheLoader:
                 f"batch size of at least {w} whose last batch has at least {w} rows, or fewer ranks"
             )
 
-    def _resolve_layers(self, manifest: dict) -> tuple[list[int], dict[int, str]]:
-        layers, site = manifest.get("layers"), manifest.get("site")
-        ints = isinstance(layers, list) and all(type(i) is int for i in layers)
-        if not ints or not isinstance(site, str):
-            raise IA2Error(f"cache {self.cache.path}: the manifest's layers {layers!r} / site {site!r} are "
-                           f"malformed; run `ia2cache verify {self.cache.path}`")
-        stored = list(layers)
-        want = list(stored if self.config.layers is None else self.config.layers)
-        absent = [i for i in want if i not in stored]
-        if absent:
-            raise IA2Error(
-                f"--layers {','.join(map(str, want))}: layer(s) {absent} not in cache {self.cache.path}, "
-                f"which holds layers {stored}"
-            )
-        paths = {i: f"acts/{manifest['site']}/layer_{i:03d}" for i in want}
-        lost = [p for p in paths.values() if p not in self.cache.specs]
-        if lost:
-            raise IA2Error(f"cache {self.cache.path} lacks the arrays {lost}; run `ia2cache verify` on it")
-        return want, paths
+    def _resolve_layers(self) -> list[int]:
+        m = self.cache.manifest
+        if not m.layers or m.site is None:
+            raise IA2Error(f"cache {self.cache.path}: the manifest's layers {m.get('layers')!r} / site "
+                           f"{m.get('site')!r} are malformed; run `ia2cache verify {self.cache.path}`")
+        want = list(m.layers if self.config.layers is None else self.config.layers)
+        self.cache.layer_positions(want)  # refuses a layer the cache lacks
+        if want and act_path(m.site) not in self.cache.specs:
+            raise IA2Error(f"cache {self.cache.path} lacks the array {act_path(m.site)}; run "
+                           "`ia2cache verify` on it")
+        return want
 
     def _check_fp16(self) -> None:
-        for i, p in self._act_paths.items():
-            try:
-                peak = self.cache.stats(p)["max_abs"]
-            except ValueError:
-                continue
+        for i in self._layers:
+            peak = self.cache.stats(act_path(self.cache.manifest.site or ""), i)["max_abs"]
             if peak > _FP16_MAX:
                 raise IA2Error(
                     f"loader dtype float16 cannot hold layer {i} of {self.cache.path}: max |x| is "
@@ -603,91 +652,98 @@ class CacheLoader:
         """The split's token arrays, decoded once: ids padded with pad_id, positions with 0."""
         a, b = self._rows.start, self._rows.stop
         out = {}
-        for k in _TOKENS:
-            x = torch.from_numpy(self._read(f"tokens/{k}", a, b).astype(np.int64))
+        for k, raw in zip(_TOKENS, self._read_all([(k, a, b) for k in _TOKENS]), strict=True):
+            x = torch.from_numpy(raw.astype(np.int64))
             if k.endswith("_ids"):
                 x = x.masked_fill(x < 0, self.pad_id)
-            elif k == "student_positions":
+            elif k == layout.STUDENT_POSITIONS:
                 x = x.masked_fill(x < 0, 0)
-            out[k] = x
+            out[k.split("/", 1)[1]] = x
         return out
 
-    def _read_chunk(self, a: int, b: int) -> dict[str, torch.Tensor]:
-        """Rows [a, b) of the asked layers (in their stored dtype: bf16 stays bf16 until a batch
-        is cut, so gathers move half the bytes) and top-k; in the thread. Batches are gathered
-        copies, so a kept chunk is never modified by its consumers."""
-        if self._memo is not None and (a, b) in self._memo:
-            return self._memo[(a, b)]
-        out: dict[str, torch.Tensor] = {}
-        for i, p in self._act_paths.items():
-            raw = self._read(p, a, b)
-            self.bytes_read += raw.nbytes
-            out[f"acts.{i}"] = decode_activations(raw, self.cache.specs[p].logical_dtype)
-        if self._topk:
-            out["topk_values"] = torch.from_numpy(
-                self._read("logits/topk_values", a, b).astype(np.float32)
-            )
-            ids = torch.from_numpy(self._read("logits/topk_ids", a, b).astype(np.int64))
-            out["topk_ids"] = ids.masked_fill(ids < 0, 0)
-        self.chunks_read += 1
-        if self._memo is not None:
-            self._memo[(a, b)] = out
-        return out
+    def _read_units(self, units: list[tuple[int, int]]) -> list[dict[str, torch.Tensor]]:
+        """Rows [a, b) of each unit, decoded: the asked layers of the activations in their stored
+        dtype (and int8's scales), and the top-k; in the reader thread, one concurrent read for all.
+        Batches are gathered copies, so a kept unit is never modified by its consumers."""
+        memo = self._kept_chunks if self._kept_chunks is not None else {}
+        todo = [u for u in units if u not in memo]
+        paths = self._paths()
+        raws = self._read_all([(p, a, b) for a, b in todo for p in paths]) if todo and paths else []
+        fresh: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        for i, (a, b) in enumerate(todo):
+            got = dict(zip(paths, raws[i * len(paths) : (i + 1) * len(paths)], strict=True))
+            out: dict[str, torch.Tensor] = {}
+            if self._acts:
+                self.bytes_read += got[self._acts].nbytes
+                out["acts"] = decode_activations(got[self._acts], self._logical)
+            if self._scales:
+                out["scales"] = torch.from_numpy(np.ascontiguousarray(got[self._scales]))
+            if self._topk:
+                out["topk_values"] = torch.from_numpy(got[layout.TOPK_VALUES].astype(np.float32))
+                ids = torch.from_numpy(got[layout.TOPK_IDS].astype(np.int64))
+                out["topk_ids"] = ids.masked_fill(ids < 0, 0)
+            self.chunks_read += 1
+            fresh[(a, b)] = out
+        if self._kept_chunks is not None:
+            self._kept_chunks.update(fresh)
+        return [fresh[u] if u in fresh else memo[u] for u in units]
 
-    def _read(self, path: str, a: int, b: int) -> np.ndarray:
-        """Rows [a, b) of ``path``, each chunk they touch checked against the ledger.
-
-        Whole chunks are read (a chunk cut by the split boundary too), since checksums cover
-        whole chunks. A chunk known damaged under ``skip_damaged`` reads as zeros: its rows never
-        reach a batch.
-        """
-        if not self.config.checksums:
-            return self.cache.read(path, a, b)
-        rpc = self.cache.rows_per_chunk
-        lo, hi = a // rpc * rpc, min(-(-b // rpc) * rpc, self.cache.n_rows)
+    def _read_all(self, requests: list[tuple[str, int, int]]) -> list[np.ndarray]:
+        """Each (array, first row, stop) read, in one concurrent call; where that fails, each read
+        alone, so that the damage is named (:meth:`_read_checked`)."""
+        if self.config.checksums or self._damaged:
+            return [self._read_checked(*r) for r in requests]
         try:
-            raw: np.ndarray | None = self.cache.read(path, lo, hi)
+            return self.cache.read_many(requests, layers=self._layers)
         except OSError:
             raise  # the file system failing is not damage to skip
-        except _DAMAGE_ERRORS:  # undecodable bytes: find the chunk below
-            raw = None
+        except DAMAGE_ERRORS:
+            return [self._read_checked(*r) for r in requests]
+
+    def _read_checked(self, path: str, a: int, b: int) -> np.ndarray:
+        """Rows [a, b) of ``path``, read chunk by chunk where needed to name a damaged chunk (and,
+        with ``checksums``, each chunk compared with the ledger's sha256). A chunk known damaged
+        under ``skip_damaged`` reads as zeros: its rows never reach a batch."""
+        layers = self._layers
+        if not self.config.checksums:
+            try:
+                return self.cache.read(path, a, b, layers=layers)
+            except OSError:
+                raise
+            except DAMAGE_ERRORS:
+                pass  # find the chunk below
+        rpc = self.cache.rows_per_chunk
         parts = []
-        intact = raw is not None
-        for c0 in range(lo, hi, rpc):
-            c1 = min(c0 + rpc, hi)
-            part, reason = self._check_chunk(path, c0, c1, None if raw is None else raw[c0 - lo : c1 - lo])
+        for c0 in range(a // rpc * rpc, b, rpc):
+            c1 = min(c0 + rpc, self.cache.n_rows)
+            want = self._want(path, c0) if self.config.checksums else None
+            if isinstance(want, tuple):  # the ledger entry itself is unusable
+                reason: str | None = want[1]
+                data = None
+            else:
+                got = check_chunk(lambda c0=c0, c1=c1: self.cache.read(path, c0, c1, layers=layers), want)
+                reason, data = got.reason, got.data
             if reason is not None:
                 if (path, c0) not in self._damaged:
                     raise IA2Error(self._damage_message(path, c0, c1, reason))
+                data = None
+            if data is None:
                 spec = self.cache.specs[path]
-                part = np.zeros((c1 - c0, *spec.shape), dtype=spec.dtype)
-                intact = False
-            parts.append(part)
-        if intact and raw is not None:  # every chunk checked out: no re-assembly copy
-            return raw[a - lo : b - lo]
-        out = parts[0] if len(parts) == 1 else np.concatenate(parts)
-        return out[a - lo : b - lo]
+                shape = (c1 - c0, *spec.shape)
+                if path in (self._acts, self._scales):  # read for the asked layers only
+                    shape = (c1 - c0, len(layers), *spec.shape[1:])
+                data = np.zeros(shape, dtype=spec.dtype)
+            parts.append(data[max(a, c0) - c0 : min(b, c1) - c0])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _check_chunk(self, path: str, c0: int, c1: int, data: np.ndarray | None) -> tuple[Any, str | None]:
-        """(the chunk's rows, None) if they match the ledger's checksum, else (None, why not)."""
-        if data is None:
-            try:
-                data = self.cache.read(path, c0, c1)
-            except OSError:
-                raise
-            except _DAMAGE_ERRORS as e:  # damage; any other exception is a bug and propagates
-                return None, f"unreadable ({type(e).__name__}: {e})"
+    def _want(self, path: str, c0: int) -> str | tuple[None, str]:
+        """The ledger's sha256 of the chunk of ``path`` starting at row ``c0``, or (None, why not)."""
         shard = c0 // self.cache.rows_per_shard
         try:
-            if shard not in self._ledger:
-                self._ledger[shard] = self.cache._ledger_entry(shard)
             s0 = self.cache.shard_rows(shard)[0]
-            want = self._ledger[shard]["arrays"][path]["chunks"][(c0 - s0) // self.cache.rows_per_chunk]
-        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            return self.cache.ledger_entry(shard).arrays[path].chunks[(c0 - s0) // self.cache.rows_per_chunk]
+        except (OSError, ValueError, KeyError, IndexError) as e:
             return None, f"the ledger entry of shard {shard} is unusable ({type(e).__name__}: {e})"
-        if digest(data) != want:
-            return None, "checksum mismatch (flipped bytes, or a truncated or deleted shard file)"
-        return data, None
 
     def _damage_message(self, path: str, c0: int, c1: int, reason: str) -> str:
         return (
@@ -698,20 +754,16 @@ class CacheLoader:
         )
 
     def _scan_damage(self) -> None:
-        """Read the split's chunks of every array the loader uses once; leave out damaged rows."""
-        r, rpc = self._rows, self.cache.rows_per_chunk
-        paths = [f"tokens/{k}" for k in _TOKENS] + list(self._act_paths.values())
-        paths += [f"logits/{k}" for k in _TOPK] if self._topk else []
+        """Read the split's chunks of every array the loader uses once, each checked against the
+        ledger's sha256; leave out the rows of damaged chunks."""
+        r = self._rows
         bad = np.zeros(len(r), dtype=bool)
-        for c0 in range(r.start // rpc * rpc, r.stop, rpc):
-            c1 = min(c0 + rpc, self.cache.n_rows)
-            for p in paths:
-                _, reason = self._check_chunk(p, c0, c1, None)
-                if reason is not None:
-                    self._damaged[(p, c0)] = reason
-                    bad[max(c0, r.start) - r.start : min(c1, r.stop) - r.start] = True
-                    log.warning("cache %s: array %s rows [%d, %d) are damaged: %s",
-                                self.cache.path, p, c0, c1, reason)
+        for p in [*_TOKENS, *self._paths()]:
+            for c0, c1, reason in self.cache.check_rows(p, r.start, r.stop):
+                self._damaged[(p, c0)] = reason
+                bad[max(c0, r.start) - r.start : min(c1, r.stop) - r.start] = True
+                log.warning("cache %s: array %s rows [%d, %d) are damaged: %s", self.cache.path, p, c0, c1,
+                            reason)
         self.skipped_rows = int(bad.sum())
         if self.skipped_rows == len(r):
             raise IA2Error(
@@ -774,12 +826,12 @@ class CacheLoader:
         stop = threading.Event()
         thread = threading.Thread(
             target=_reader,
-            args=(self._read_chunk, chunks, q, stop),
+            args=(self._read_units, chunks, self.config.prefetch, q, stop),
             name=f"ia2cache-loader-{id(self):x}",
             daemon=True,
         )
         thread.start()
-        asm = _Assembler(r.start, pending)
+        asm = _Assembler(r.start, pending, self._pin)
         loaded = 0
         try:
             for k in range(start, n_batches):
@@ -793,7 +845,7 @@ class CacheLoader:
                 held = math.ceil(asm.rows_held / rpc) + q.qsize()
                 self.max_chunks_held = max(self.max_chunks_held, held)
                 rows = shares[k]
-                batch = self._batch(rows, asm.take(rows))
+                batch = self._batch(rows, asm.take(rows) if asm.blocks else {})
                 batch.global_rows = sizes[k]
                 self.position = k + 1
                 yield batch
@@ -813,6 +865,15 @@ class CacheLoader:
         s_w = max(1, int(t["student_len"].max()))
         g_w = max(1, int(t["target_len"].max()))
         p = t["student_positions"].shape[1]
+        acts: dict[int, torch.Tensor] = {}
+        scales: dict[int, torch.Tensor] | None = None
+        if "acts" in data:
+            block, sc = data["acts"], data.get("scales")
+            if self.config.dtype is not None:
+                block, sc = dequantize(block, sc).to(TORCH_DTYPES[self.config.dtype]), None
+            acts = {layer: block[:, j] for j, layer in enumerate(self._layers)}
+            if sc is not None:
+                scales = {layer: sc[:, j] for j, layer in enumerate(self._layers)}
         return Batch(
             rows=torch.from_numpy(rows.copy()),
             student_ids=t["student_ids"][:, :s_w].contiguous(),
@@ -823,7 +884,8 @@ class CacheLoader:
             target_len=t["target_len"],
             student_positions=t["student_positions"],
             position_mask=torch.arange(p)[None, :] < t["positions_len"][:, None],
-            acts={i: data[f"acts.{i}"].to(TORCH_DTYPES[self.config.dtype]) for i in self._layers},
+            acts=acts,
             topk_values=data.get("topk_values"),
             topk_ids=data.get("topk_ids"),
+            act_scales=scales,
         )

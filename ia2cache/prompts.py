@@ -183,13 +183,13 @@ class _Encoder:
         self.prefix: tuple[int, ...] = (bos,) if bos is not None and probe[:1] == [bos] else ()
         eos = tokenizer.eos_token_id
         self.eos: tuple[int, ...] = (eos,) if eos is not None else ()
-        self._memo: dict[str, tuple[int, ...]] = {}
+        self._kept_chunks: dict[str, tuple[int, ...]] = {}
 
     def __call__(self, text: str) -> tuple[int, ...]:
-        ids = self._memo.get(text)
+        ids = self._kept_chunks.get(text)
         if ids is None:
             ids = tuple(self.tok(text, add_special_tokens=False).input_ids)
-            self._memo[text] = ids
+            self._kept_chunks[text] = ids
         return ids
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -8,6 +9,11 @@ from typing import Any
 import pytest
 
 from ia2cache.testing import tiny_llama, tiny_tokenizer
+
+# Every process the tests start arms ia2cache's fault points from IA2CACHE_FAULT/IA2CACHE_HOLD
+# (tests/faults/sitecustomize.py); the library itself never does.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (str(Path(__file__).parent / "faults"), os.environ.get("PYTHONPATH")) if p)
 
 
 @pytest.fixture(scope="session")

@@ -123,7 +123,7 @@ def _by_hand(cache_dir: str, model: Any) -> dict[str, np.ndarray]:
     rlen, rids = g["tokens/response_len"][:], g["tokens/response_ids"][:]
     plen, spos = g["tokens/positions_len"][:], g["tokens/student_positions"][:]
     tlen, tpos = g["tokens/teacher_len"][:], g["tokens/teacher_positions"][:]
-    teacher = {i: g[f"acts/attn/layer_{i:03d}"][:].astype(np.float64) for i in layers}
+    teacher = {i: g["acts/attn"][:, j].astype(np.float64) for j, i in enumerate(layers)}
     mods = decoder_layers(model)
     cos: dict[int, list[float]] = {i: [] for i in layers}
     sq: dict[int, list[float]] = {i: [] for i in layers}
@@ -377,12 +377,12 @@ def test_an_empty_cache_is_an_ia2error_not_an_assertion() -> None:
 
 @pytest.mark.parametrize("name", ["../../x", "a/b", "..", "a\\b", ""])
 def test_names_that_leave_out_are_refused(name: str, tmp_path: Path) -> None:
-    from ia2cache.analyze import check_name, write
+    from ia2cache.analyze import check_name, save_result
 
     with pytest.raises(IA2Error, match="--name"):
         check_name(name)
     with pytest.raises(IA2Error, match="--name"):
-        write({"labels": [], "matrix": [], "pairs": []}, tmp_path / "out", name, "overlap")
+        save_result({"labels": [], "matrix": [], "pairs": []}, tmp_path / "out", name, "overlap")
     assert not any(tmp_path.rglob("*.json"))
     assert check_name("similarity-task-n16-s0") == "similarity-task-n16-s0"
 

@@ -18,7 +18,7 @@ from ia2cache.errors import IA2Error
 from ia2cache.models import load_model
 from ia2cache.prompts import PromptConfig, build_pairs
 from ia2cache.sites import SITES, decoder_layers
-from ia2cache.store import Cache
+from ia2cache.store import Cache, decode_activations
 from ia2cache.tasks import load_task
 from tests.conftest import mixed_length_env
 
@@ -75,8 +75,8 @@ def test_batched_equals_unbatched_and_hook_reference(env: dict[str, Any], loaded
         n = xa["tokens/positions_len"][r]
         pos = list(xa["tokens/teacher_positions"][r, :n])
         ref = _hook_reference(loaded.model, "attn", 2, ids + resp, pos)
-        np.testing.assert_allclose(xa["acts/attn/layer_002"][r, :n], ref.numpy(), atol=2e-5, rtol=1e-4)
-        assert not xa["acts/attn/layer_002"][r, n:].any()  # pads are zero
+        np.testing.assert_allclose(xa["acts/attn"][r, 2, :n], ref.numpy(), atol=2e-5, rtol=1e-4)
+        assert not xa["acts/attn"][r, 2, n:].any()  # pads are zero
         if response == "icl":  # the response is the teacher's greedy continuation
             with torch.no_grad():
                 logits = loaded.model(input_ids=torch.tensor([ids + resp])).logits[0]
@@ -110,8 +110,9 @@ def test_sites_and_layer_subsets_give_right_shapes(env: dict[str, Any], loaded: 
     res = collect(_cfg(env, tmp_path, site=site, layers="0,2-3", max_new_tokens=2, topk_logits=4), loaded)
     c = Cache.open(res.cache)
     acts = sorted(p for p in c.specs if p.startswith("acts/"))
-    assert acts == [f"acts/{site}/layer_000", f"acts/{site}/layer_002", f"acts/{site}/layer_003"]
-    assert c.read(acts[0], 0, 3).shape == (3, 2, 64)
+    assert acts == [f"acts/{site}"]  # one array, the layers along its second axis
+    assert c.read(acts[0], 0, 3).shape == (3, 3, 2, 64)
+    assert np.array_equal(c.read(acts[0], 0, 3, layers=[3])[:, 0], c.read(acts[0], 0, 3)[:, 2])
     assert c.read("logits/topk_ids", 0, 3).shape == (3, 2, 4)
     assert c.manifest["site"] == site and c.manifest["layers"] == [0, 2, 3]
     x = _arrays(res.cache)
@@ -119,16 +120,16 @@ def test_sites_and_layer_subsets_give_right_shapes(env: dict[str, Any], loaded: 
     ids = list(x["tokens/teacher_ids"][r, : x["tokens/teacher_len"][r]])
     resp = list(x["tokens/response_ids"][r, : x["tokens/response_len"][r]])
     ref = _hook_reference(loaded.model, site, 3, ids + resp, list(x["tokens/teacher_positions"][r, :n]))
-    np.testing.assert_allclose(x[f"acts/{site}/layer_003"][r, :n], ref.numpy(), atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(x[f"acts/{site}"][r, 2, :n], ref.numpy(), atol=2e-5, rtol=1e-4)  # layer 3
 
 
 def test_bf16_store_is_bit_exact_rounding_of_fp32(env: dict[str, Any], loaded: Any, tmp_path: Path) -> None:
     f32 = _arrays(collect(_cfg(env, tmp_path / "f", dtype="fp32"), loaded).cache)
     b16 = collect(_cfg(env, tmp_path / "b", dtype="bf16"), loaded)
     c = Cache.open(b16.cache)
-    raw = c.read("acts/attn/layer_001", 0, c.n_rows)
+    raw = c.read("acts/attn", 0, c.n_rows)
     assert raw.dtype == np.uint16
-    want = torch.from_numpy(f32["acts/attn/layer_001"]).to(torch.bfloat16).view(torch.uint16).numpy()
+    want = torch.from_numpy(f32["acts/attn"]).to(torch.bfloat16).view(torch.uint16).numpy()
     np.testing.assert_array_equal(raw, want)
 
 
@@ -175,11 +176,11 @@ def test_key_changes_with_what_changes_the_data(env: dict[str, Any], loaded: Any
     ("kw", "needle"),
     [
         ({"site": "nope"}, "--site nope"),
-        ({"layers": "0-9"}, "--layers 0-9: layer 4 does not exist"),
+        ({"layers": "0-9"}, "--layers 0-9: layer 9 does not exist"),
         ({"layers": "a"}, "--layers a"),
         ({"n": 500}, "--n 500"),
         ({"response": "x"}, "--response x"),
-        ({"dtype": "int8"}, "--dtype int8"),
+        ({"dtype": "int4"}, "--dtype int4"),
         ({"max_new_tokens": 0}, "--max-new-tokens 0"),
         ({"shard_rows": 6}, "--shard-rows 6"),
         ({"k": 40}, "--k 40"),
@@ -269,10 +270,33 @@ def test_readme_store_drawing_matches_a_real_cache(env: dict[str, Any], loaded: 
             drawn.add(m.group(1))
     res = collect(_cfg(env, tmp_path, topk_logits=3), loaded)
     cache = Cache.open(res.cache)
-    real = {re.sub(r"acts/attn/layer_\d{3}", "acts/<site>/layer_NNN", p) for p in cache.specs}
+    real = {re.sub(r"^(acts|scales)/attn$", r"\1/<site>", p) for p in cache.specs}
+    real.add("scales/<site>")  # drawn for --dtype int8 only
     real.add("ledger/shard_NNNNNN.json")
     assert drawn == real
     assert all(re.fullmatch(r"shard_\d{6}\.json", p.name) for p in (cache.path / "ledger").iterdir())
+
+
+def test_how_to_read_and_the_readme_recipe_rebuild_values_with_numpy_and_zarr_alone(
+    env: dict[str, Any], loaded: Any, tmp_path: Path
+) -> None:
+    """inspect's how-to-read and the README's NumPy snippet, run against a real bf16 cache, give
+    exactly the values ia2cache itself decodes."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    res = collect(_cfg(env, tmp_path, max_new_tokens=2, dtype="bf16"), loaded)
+    cache = Cache.open(res.cache)
+    text = json.loads(CliRunner().invoke(app, ["inspect", res.cache, "--json"]).stdout)["how_to_read"]
+    assert "acts/attn[r, l, j]" in text and "(a.astype(np.uint32) << 16).view(np.float32)" in text
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    snippet = readme.split("<!-- store-layout -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    scope: dict[str, Any] = {}
+    exec(snippet.replace("<store>/<key>", res.cache), scope)  # noqa: S102 - the README's own code
+    want = decode_activations(cache.read("acts/attn", 0, 8, layers=[cache.manifest.layers[2]])[:, 0],
+                              "bfloat16").float().numpy()
+    assert np.array_equal(scope["x"], want) and scope["n"] == cache.read("tokens/positions_len", 0, 1)[0]
 
 
 def test_disk_full_gives_a_clear_error_leaves_partial_and_resumes(env: dict[str, Any], loaded: Any,
@@ -280,10 +304,10 @@ def test_disk_full_gives_a_clear_error_leaves_partial_and_resumes(env: dict[str,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    import ia2cache.store as store_mod
+    import ia2cache.store.locations as store_mod  # where the ledger's writes go through
 
     cfg = _cfg(env, tmp_path, shard_rows=4, chunk_rows=4)
-    real = store_mod._write_json_atomic
+    real = store_mod.write_json_atomic
     calls = {"n": 0}
 
     def full_after_two(path: Path, obj: Any) -> None:
@@ -292,12 +316,12 @@ def test_disk_full_gives_a_clear_error_leaves_partial_and_resumes(env: dict[str,
             raise OSError(errno.ENOSPC, "No space left on device")
         real(path, obj)
 
-    monkeypatch.setattr(store_mod, "_write_json_atomic", full_after_two)
+    monkeypatch.setattr(store_mod, "write_json_atomic", full_after_two)
     with pytest.raises(IA2Error, match="No space left on device.*partial with 2 of 5 shards"):
         collect(cfg, loaded)
     (cache,) = [p.parent for p in tmp_path.glob("*/zarr.json")]
     assert Cache.open(cache).status == "partial"
-    monkeypatch.setattr(store_mod, "_write_json_atomic", real)
+    monkeypatch.setattr(store_mod, "write_json_atomic", real)
     done = collect(cfg, loaded)
     assert done.status == "complete" and done.shards_computed == 3
     assert Cache.open(cache).verify() == []
@@ -321,7 +345,7 @@ def test_icl_capture_inside_decoding_equals_teacher_forced_pass(env: dict[str, A
         n = x["tokens/positions_len"][r]
         pos = [int(p) for p in x["tokens/teacher_positions"][r, :n]]
         ref = _hook_reference(model, "attn", 1, ids + resp, pos)
-        np.testing.assert_allclose(x["acts/attn/layer_001"][r, :n], ref.numpy(), atol=2e-5, rtol=1e-4)
+        np.testing.assert_allclose(x["acts/attn"][r, 1, :n], ref.numpy(), atol=2e-5, rtol=1e-4)
         with torch.no_grad():
             logp = model(input_ids=torch.tensor([ids + resp])).logits[0, pos].log_softmax(-1)
         v, ix = logp.topk(5, dim=-1)

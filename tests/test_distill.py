@@ -297,7 +297,7 @@ def test_a2t_first_phase_from_an_act_run_equals_training_it(env: dict[str, Any],
 
 def test_a_diverging_loss_stops_the_run_and_saves_no_adapter(env: dict[str, Any], tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    orig = distill_mod._losses
+    orig = distill_mod._loss
     calls = {"n": 0}
 
     def blow_up(run: Any, batch: Any, objective: str) -> torch.Tensor:
@@ -305,7 +305,7 @@ def test_a_diverging_loss_stops_the_run_and_saves_no_adapter(env: dict[str, Any]
         loss = orig(run, batch, objective)
         return loss * float("nan") if calls["n"] > 12 else loss
 
-    monkeypatch.setattr(distill_mod, "_losses", blow_up)
+    monkeypatch.setattr(distill_mod, "_loss", blow_up)
     with pytest.raises(IA2Error, match=r"diverged at phase 1 \(act\), epoch \d+, step \d+.*lower --lr"):
         distill(DistillConfig(cache=env["cache"], model=env["model"], method="act", lr=1e-2, max_steps=40,
                               eval_every=100, out=str(tmp_path / "nan")))

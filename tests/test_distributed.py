@@ -89,7 +89,7 @@ def _assert_same_cache(ref_path: str, got_path: str) -> None:
         assert x.tobytes() == y.tobytes(), f"{p} differs"
     assert a.done_shards() == b.done_shards() == set(range(a.n_shards))
     for s in range(a.n_shards):
-        ea, eb = a._ledger_entry(s), b._ledger_entry(s)
+        ea, eb = a.ledger_entry(s).to_json(), b.ledger_entry(s).to_json()
         ea.pop("written")
         eb.pop("written")
         assert ea == eb, f"ledger entry of shard {s} differs"
@@ -291,11 +291,11 @@ def test_torchrun_collect_equals_single_process(env: dict[str, Any], tmp_path: P
     real_write = Cache.write_shard
     calls = {"n": 0}
 
-    def failing(self: Cache, shard: int, data: dict) -> None:
+    def failing(self: Cache, shard: int, data: dict, errors: dict | None = None) -> None:
         calls["n"] += 1
         if calls["n"] == 2:
             raise OSError(28, "No space left on device")
-        real_write(self, shard, data)
+        real_write(self, shard, data, errors)
 
     monkeypatch.setattr(Cache, "write_shard", failing)
     with _one_thread(), pytest.raises(IA2Error, match="left partial"):

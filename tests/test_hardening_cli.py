@@ -247,7 +247,7 @@ def test_ctrl_c_exits_130_with_one_line_and_the_rerun_resumes(env: dict[str, Any
     }[cmd]
     release = tmp_path / "release"
     e = {**os.environ, "IA2CACHE_HOME": str(Path(env["d"]) / "home"), "IA2CACHE_HOLD": f"{point}:{release}",
-         "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+         "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ["PYTHONPATH"]}
     p = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=ROOT, env=e, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     reached = Path(f"{release}.reached")

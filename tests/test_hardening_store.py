@@ -143,7 +143,7 @@ def _assert_refused(exc: BaseException, path: Path, kind: str) -> None:
 
 # A small cache through the store API: 10 rows, shards of 4 (the last short), chunks of 2.
 N_ROWS, RPS, RPC = 10, 4, 2
-SPECS = [ArraySpec("acts/attn/layer_000", (3, 5), "float32", stats=True),
+SPECS = [ArraySpec("acts/attn", (1, 3, 5), "float32", stats=True),
          ArraySpec("tokens/student_ids", (3,), "int32"),
          ArraySpec("rows/example_index", (), "int32")]
 KEY_FIELDS = {"synthetic": "hardening", "n": 10}
@@ -152,7 +152,7 @@ KEY = cache_key(KEY_FIELDS)
 
 def _data(a: int, b: int) -> dict[str, np.ndarray]:
     r = np.arange(a, b)
-    return {"acts/attn/layer_000": (r[:, None, None] + np.zeros((1, 3, 5))).astype(np.float32),
+    return {"acts/attn": (r[:, None, None, None] + np.zeros((1, 1, 3, 5))).astype(np.float32),
             "tokens/student_ids": np.repeat(r[:, None], 3, 1).astype(np.int32),
             "rows/example_index": r.astype(np.int32)}
 
@@ -235,7 +235,7 @@ def test_resuming_refuses_a_manifest_that_is_a_link_or_special_file(tmp_path: Pa
 def test_shard_write_refuses_a_link_or_special_file(tmp_path: Path, kind: str) -> None:
     """Both before zarr is handed the cache (create_or_open walks it) and at zarr's own write."""
     cache = _synthetic(tmp_path / "store", shards=[0])
-    shard = _shard_file(cache.path, "acts/attn/layer_000", 1)
+    shard = _shard_file(cache.path, "acts/attn", 1)
     _plant(shard, kind, tmp_path / "victims")
     before = _tree(tmp_path / "victims")
     with pytest.raises(IA2Error) as e:
@@ -304,7 +304,7 @@ def _copy(clean: Path, tmp_path: Path, name: str | None = None) -> Path:
 def _partial(cache: Path) -> None:
     """Make a copied complete cache partial, its shard 1 not written."""
     (cache / "ledger" / "shard_000001.json").unlink()
-    for arr in ("acts/attn/layer_000", "tokens/student_ids"):
+    for arr in ("acts/attn", "tokens/student_ids"):
         shutil.rmtree(cache / arr / "c" / "1", ignore_errors=True)
     _edit_manifest(cache, lambda m: m.__setitem__("status", "partial"))
 
@@ -340,7 +340,7 @@ def test_collect_refuses_a_cache_folder_that_is_a_link(env: dict[str, Any], load
     assert _tree(dest) == before  # nothing written there, nothing marked complete
 
 
-@pytest.mark.parametrize("part", ["acts", "ledger", "acts/attn/layer_001"])
+@pytest.mark.parametrize("part", ["acts", "ledger", "acts/attn"])
 def test_collect_refuses_a_linked_folder_inside_a_cache(env: dict[str, Any], loaded: Any, clean: Path,
                                                         tmp_path: Path, part: str) -> None:
     cache = _copy(clean, tmp_path)
@@ -374,8 +374,8 @@ def test_write_probe_never_touches_what_sits_at_its_old_name(env: dict[str, Any]
 # ----------------------------------------------------------------- reads never block
 
 
-def _read_everything(cache: Path) -> None:
-    for _ in CacheLoader(cache, LoaderConfig(batch_size=4, shuffle=False)):
+def _read_everything(cache: Path, checksums: bool = False) -> None:
+    for _ in CacheLoader(cache, LoaderConfig(batch_size=4, shuffle=False, checksums=checksums)):
         pass
 
 
@@ -383,13 +383,16 @@ def _read_everything(cache: Path) -> None:
 @pytest.mark.parametrize("what", ["shard file", "ledger entry"])
 def test_reads_refuse_a_special_file_naming_it(clean: Path, tmp_path: Path, kind: str, what: str) -> None:
     """The loader (distill) raises IA2Error naming array, rows and the file; verify reports it;
-    neither blocks on a FIFO nor gives a traceback on a folder."""
+    neither blocks on a FIFO nor gives a traceback on a folder. (The loader reads ledger entries only
+    to compare sha256s, ``checksums``; crc32c alone needs none.)"""
     cache = _copy(clean, tmp_path)
-    array = "acts/attn/layer_001"
+    array = "acts/attn"
     bad = (_shard_file(cache, array, 1) if what == "shard file" else cache / "ledger" / "shard_000001.json")
     _plant(bad, kind, tmp_path / "victims")
+    if what == "ledger entry":
+        _within(lambda: _read_everything(cache))  # never opened: nothing to block on
     with pytest.raises(IA2Error) as e:
-        _within(lambda: _read_everything(cache))
+        _within(lambda: _read_everything(cache, checksums=what == "ledger entry"))
     msg = str(e.value)
     assert "rows [4, 6)" in msg and str(bad) in msg and WORDS[kind] in msg, msg
     verdict = _within(lambda: verify_cache(cache))
@@ -570,7 +573,7 @@ def test_a_cache_copied_into_another_keys_folder_is_never_reused(env: dict[str, 
 
 
 def test_manifest_problems_accepts_what_collect_writes_and_names_contradictions(clean: Path) -> None:
-    m = Cache.open(clean).manifest
+    m = Cache.open(clean).manifest.to_json()
     assert manifest_problems(m, clean.name) == []
     m["k"] += 1
     problems = manifest_problems(m, clean.name)
@@ -606,12 +609,12 @@ def _flip(p: Path) -> None:
 
 
 DAMAGE: dict[str, Callable[[Path, Path], None]] = {
-    "flipped bytes": lambda c, v: _flip(_shard_file(c, "acts/attn/layer_001", 1)),
+    "flipped bytes": lambda c, v: _flip(_shard_file(c, "acts/attn", 1)),
     "truncated": lambda c, v: _shard_file(c, "tokens/student_ids", 2).write_bytes(b"x"),
-    "deleted": lambda c, v: _shard_file(c, "acts/attn/layer_000", 0).unlink(),
-    "fifo shard": lambda c, v: _plant(_shard_file(c, "acts/attn/layer_001", 1), "fifo", v),
+    "deleted": lambda c, v: _shard_file(c, "acts/attn", 0).unlink(),
+    "fifo shard": lambda c, v: _plant(_shard_file(c, "acts/attn", 1), "fifo", v),
     "symlinked shard": lambda c, v: _plant(_shard_file(c, "rows/split", 1), "symlink-to-file", v),
-    "folder shard": lambda c, v: _plant(_shard_file(c, "acts/attn/layer_001", 2), "directory", v),
+    "folder shard": lambda c, v: _plant(_shard_file(c, "acts/attn", 2), "directory", v),
     "lost ledger entry": lambda c, v: (c / "ledger" / "shard_000001.json").unlink(),
     "torn ledger entry": lambda c, v: (c / "ledger" / "shard_000002.json").write_text('{"shard": '),
     "fifo ledger entry": lambda c, v: _plant(c / "ledger" / "shard_000000.json", "fifo", v),
@@ -655,7 +658,7 @@ def test_repair_refuses_damage_recomputing_cannot_fix(clean: Path, tmp_path: Pat
 
 def test_the_loader_points_at_repair(clean: Path, tmp_path: Path) -> None:
     cache = _copy(clean, tmp_path)
-    _flip(_shard_file(cache, "acts/attn/layer_001", 1))
+    _flip(_shard_file(cache, "acts/attn", 1))
     with pytest.raises(IA2Error, match="--repair"):
         _read_everything(cache)
 

@@ -333,3 +333,20 @@ def test_hub_rows_that_break_the_rules_are_kept_with_a_warning(tmp_path: Path,
     assert len(t.pool) == 30
     assert "1 rows have the stop string '\\n\\n' in their target" in caplog.text
     assert "repeat an earlier input with a different target" in caplog.text
+
+
+@pytest.mark.parametrize(("name", "ids"), [("sst2", "0 -> negative, 1 -> positive"),
+                                           ("fins", "0 -> negative, 2 -> positive"),
+                                           ("bbcn", "0 -> Technology, 1 -> Business")])
+def test_string_labels_are_refused_naming_the_expected_label_type(tmp_path: Path, name: str,
+                                                                  ids: str) -> None:
+    """Rows with label words instead of class ids are all dropped: the message says what the
+    label column must hold and what row 0 has."""
+    d = write_fixture(tmp_path, name)
+    words = ["negative", "positive", "neutral"]
+    for f in d.glob("*.jsonl"):
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        f.write_text("".join(json.dumps({**r, "label": words[i % 3]}) + "\n" for i, r in enumerate(rows)))
+    want = rf"too few usable rows \(pool 0, eval 0\).*integer class ids \({ids}.*row 0 has 'negative'"
+    with pytest.raises(IA2Error, match=want + r" \(str\)"):
+        load_task(f"hf:{name}@{d}")

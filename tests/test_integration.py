@@ -47,13 +47,13 @@ def test_alignment_on_the_real_tokenizer(smol: Any) -> None:
 def test_collect_distill_eval_end_to_end(smol: Any, tmp_path: Path) -> None:
     res = collect(CollectConfig(task="past_tense", n=4, seed=0, store=str(tmp_path / "store")), smol)
     cache = Cache.open(res.cache)
-    assert res.status == "complete" and res.rows == 6 and cache.verify() == []
-    assert cache.read("acts/attn/layer_029", 0, 6).shape == (6, 1, 576)
+    assert res.status == "complete" and res.rows == 4 + 16 and cache.verify() == []  # N + D dev rows
+    assert cache.read("acts/attn", 0, 6, layers=[29]).shape == (6, 1, 1, 576)
     again = collect(CollectConfig(task="past_tense", n=4, seed=0, store=str(tmp_path / "store")))
     assert again.reused
     out = tmp_path / "run"
     d = distill(DistillConfig(cache=res.cache, method="a2t", lr=1e-3, epochs=2, out=str(out)))
-    assert d.epochs_run == [2, 2]
+    assert d.epochs_run == [2, 2] and d.steps_run == [2, 2]  # N=4, batch 4: one step an epoch
     assert json.loads((out / "run.json").read_text())["cache_key"] == res.key
     model, tok, record = load_adapter(out)
     r = evaluate(model, tok, load_task("past_tense"), EvalConfig(mode="adapter", n_eval=16))

@@ -24,7 +24,7 @@ from ia2cache.store import Cache
 from tests.conftest import mixed_length_env
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYER = "acts/attn/layer_001"
+ACTS = "acts/attn"  # every layer of the activations: one array
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,8 @@ def _delete(p: Path) -> None:
 
 
 DAMAGE: dict[str, Callable[[Path], None]] = {"flip": _flip, "truncate": _truncate, "delete": _delete}
-# (array, shard): an activation layer, a token array, the top-k logits; shard 1 = rows [8, 16).
-TARGETS = [(LAYER, 1), ("tokens/student_ids", 1), ("logits/topk_values", 2)]
+# (array, shard): the activations, a token array, the top-k logits; shard 1 = rows [8, 16).
+TARGETS = [(ACTS, 1), ("tokens/student_ids", 1), ("logits/topk_values", 2)]
 
 
 def _damaged_copy(clean: Path, tmp_path: Path, array: str, shard: int, how: str) -> Path:
@@ -145,19 +145,28 @@ def test_every_row_damaged_is_refused_even_when_skipping(clean: Path, tmp_path: 
     cache = tmp_path / clean.name
     shutil.copytree(clean, cache)
     for s in range(3, 6):  # rows 24..44: all dev rows (30..44)
-        _delete(_shard_file(cache, LAYER, s))
+        _delete(_shard_file(cache, ACTS, s))
     with pytest.raises(IA2Error, match="every dev row is damaged"):
         CacheLoader(cache, LoaderConfig(split="dev", skip_damaged=True))
 
 
-def test_skip_damaged_needs_checksums() -> None:
-    with pytest.raises(IA2Error, match="--skip-damaged needs checksums"):
-        LoaderConfig(skip_damaged=True, checksums=False)
+def test_a_swapped_shard_file_passes_crc32c_but_not_sha256(clean: Path, tmp_path: Path) -> None:
+    """Another shard's file in place of shard 1's is intact for zarr's crc32c (every chunk matches its
+    own crc), so a plain read takes it; the ledger's sha256 does not match it: verify, the loader
+    with ``checksums`` and the ``skip_damaged`` scan all name it."""
+    cache = tmp_path / clean.name
+    shutil.copytree(clean, cache)
+    shutil.copyfile(_shard_file(cache, ACTS, 2), _shard_file(cache, ACTS, 1))
+    assert {p.rows for p in Cache.open(cache).verify()} == {(8, 12), (12, 16)}
+    assert len(list(CacheLoader(cache, LoaderConfig(batch_size=4)))) == 8  # crc32c alone: no damage seen
+    with pytest.raises(IA2Error, match=r"array acts/attn rows \[(8|12), (12|16)\) are damaged: checksum"):
+        list(CacheLoader(cache, LoaderConfig(batch_size=4, checksums=True)))
+    assert CacheLoader(cache, LoaderConfig(batch_size=4, skip_damaged=True)).skipped_rows == 8
 
 
 def test_an_intact_cache_reads_the_same_with_and_without_checksums(clean: Path) -> None:
-    on = list(CacheLoader(clean, LoaderConfig(batch_size=4, seed=3)))
-    off = list(CacheLoader(clean, LoaderConfig(batch_size=4, seed=3, checksums=False)))
+    on = list(CacheLoader(clean, LoaderConfig(batch_size=4, seed=3, checksums=True)))
+    off = list(CacheLoader(clean, LoaderConfig(batch_size=4, seed=3)))
     assert [b.rows.tolist() for b in on] == [b.rows.tolist() for b in off]
     for x, y in zip(on, off, strict=True):
         assert all(torch.equal(x.acts[i], y.acts[i]) for i in x.acts)
@@ -170,14 +179,14 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_distill_cli_refuses_damage_and_skips_it_with_the_flag(env: dict[str, Any], clean: Path,
                                                               tmp_path: Path) -> None:
-    cache = _damaged_copy(clean, tmp_path, LAYER, 1, "flip")
-    bad = _verify_rows(cache, LAYER)
+    cache = _damaged_copy(clean, tmp_path, ACTS, 1, "flip")
+    bad = _verify_rows(cache, ACTS)
     args = ["distill", "--cache", str(cache), "--model", env["model"], "--method", "act", "--epochs", "1",
             "--lr", "1e-3", "--json"]
     refused = _cli(*args, "--out", str(tmp_path / "a"))
     assert refused.returncode == 2, refused.stderr
     msg = " ".join(refused.stderr.split())
-    assert f"array {LAYER} rows [" in msg and "--skip-damaged" in msg and "Traceback" not in msg
+    assert f"array {ACTS} rows [" in msg and "--skip-damaged" in msg and "Traceback" not in msg
     assert not (tmp_path / "a" / "run.json").exists()
     done = _cli(*args, "--out", str(tmp_path / "b"), "--skip-damaged")
     assert done.returncode == 0, done.stderr
@@ -260,13 +269,13 @@ def test_verify_reports_nan_recorded_in_a_ledger(clean: Path, tmp_path: Path) ->
     shutil.copytree(clean, cache)
     entry_path = cache / "ledger" / "shard_000002.json"
     entry = json.loads(entry_path.read_text())
-    entry["arrays"][LAYER]["stats"]["nan_count"] = 7
+    entry["arrays"][ACTS]["stats"][1]["nan_count"] = 7  # layer 1 (the cache holds layers 0-3)
     entry_path.write_text(json.dumps(entry))
     c = Cache.open(cache)
-    assert c.stats(LAYER)["nan_count"] == 7
+    assert c.stats(ACTS, 1)["nan_count"] == 7 and c.stats(ACTS, 2)["nan_count"] == 0
     probs = c.verify()
     assert [(p.array, p.rows, p.reason) for p in probs] == [
-        (LAYER, (16, 24), "7 NaN values written by the teacher")]
+        (ACTS, (16, 24), "7 NaN values written by the teacher at layer 1")]
 
 
 @pytest.mark.parametrize(("exc", "damage"), [(RuntimeError("blosc: decompression error"), True),
@@ -279,10 +288,10 @@ def test_skip_damaged_skips_decode_errors_but_never_hides_a_bug(
     other exception while reading is a bug and must propagate instead of silently losing rows."""
     real = Cache.read
 
-    def read(self: Cache, path: str, start: int, stop: int) -> Any:
-        if path == LAYER and start < 12 and stop > 8:  # the chunk of rows [8, 12)
+    def read(self: Cache, path: str, start: int, stop: int, layers: Any = None) -> Any:
+        if path == ACTS and start < 12 and stop > 8:  # the chunk of rows [8, 12)
             raise exc
-        return real(self, path, start, stop)
+        return real(self, path, start, stop, layers)
 
     monkeypatch.setattr(Cache, "read", read)
     cfg = LoaderConfig(batch_size=4, split="train", skip_damaged=True, shuffle=False)

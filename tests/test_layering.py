@@ -30,7 +30,6 @@ def tree(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.skipif(not LINT.exists(), reason="import-linter is part of the test extras")
 def test_the_contracts_hold_and_a_forbidden_import_breaks_them(tree: Path) -> None:
     ok = _lint(tree)
     assert ok.returncode == 0, ok.stdout[-3000:]

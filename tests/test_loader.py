@@ -22,6 +22,7 @@ from tests.conftest import write_task
 
 WORDS = ["hot", "up", "big", "walk", "go", "France", "Spain", "Italy", "The food was great"]
 SITE = "attn"
+ACTS = "acts/attn"
 PAD = 7  # a pad id that is not 0, so that pad substitution is visible
 
 
@@ -67,8 +68,9 @@ def _assert_same(a: list[Batch], b: list[Batch]) -> None:
             assert torch.equal(x.acts[i], y.acts[i])
 
 
-def _assert_matches_cache(c: Cache, batch: Batch, dtype: torch.dtype = torch.float32) -> None:
-    """Every field of ``batch`` against reads of its rows straight from the cache."""
+def _assert_matches_cache(c: Cache, batch: Batch, dtype: torch.dtype | None = None) -> None:
+    """Every field of ``batch`` against reads of its rows straight from the cache (activations as
+    stored, bf16, unless the loader converted them to ``dtype``)."""
     rows = batch.rows.tolist()
 
     def read(path: str) -> np.ndarray:
@@ -98,10 +100,10 @@ def _assert_matches_cache(c: Cache, batch: Batch, dtype: torch.dtype = torch.flo
     assert (ids[~mask] == -1).all()  # pads in the store ...
     assert batch.topk_ids.tolist() == np.where(ids < 0, 0, ids).tolist()  # ... are 0 in the batch
     for layer, a in batch.acts.items():
-        path = f"acts/{SITE}/layer_{layer:03d}"
-        want = decode_activations(read(path), c.specs[path].logical_dtype).to(dtype)
-        assert a.dtype == dtype
-        assert torch.equal(a, want), layer
+        bits = np.concatenate([c.read(ACTS, r, r + 1, layers=[layer])[:, 0] for r in rows])
+        want = decode_activations(bits, c.specs[ACTS].logical_dtype)
+        assert a.dtype == (dtype or torch.bfloat16)
+        assert torch.equal(a, want if dtype is None else want.to(dtype)), layer
 
 
 # ----------------------------------------------------------------------------- contents
@@ -118,7 +120,7 @@ def test_batches_hold_exactly_the_cache_rows(cache_path: str) -> None:
         _assert_matches_cache(c, b)
     assert loader.chunks_read == 8  # 7 whole chunks and the partial [28, 30), each once
     # Exactly the train rows of the 4 layers were read, as stored (2 bytes per bf16 value).
-    p, h = c.specs[f"acts/{SITE}/layer_000"].shape
+    _, p, h = c.specs[ACTS].shape
     assert loader.bytes_read == 4 * 30 * p * h * 2
     assert loader.wait_seconds > 0
 
@@ -165,10 +167,7 @@ def test_order_is_seeded_deterministic_and_a_permutation(cache_path: str) -> Non
 
 def test_order_follows_the_seeded_chunk_permutation(cache_path: str) -> None:
     """With a one-row buffer, rows leave in stream order: the chunks as the spec permutes them."""
-    c = Cache.open(cache_path)
-    reads: list[str] = []
-    orig = c.read
-    c.read = lambda p, a, b: reads.append(p) or orig(p, a, b)  # type: ignore[method-assign]
+    c, reads = _recording(cache_path)
     loader = _loader(c, shuffle_buffer=1, seed=5)
     chunks = [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20), (20, 24), (24, 28), (28, 30)]
     for epoch in (0, 1):
@@ -239,30 +238,36 @@ def test_load_state_refuses_another_seed_or_range(cache_path: str) -> None:
 # ----------------------------------------------------------------------------- reading
 
 
-def _recording(path: str) -> tuple[Cache, list[tuple[str, int, int]]]:
+def _recording(path: str) -> tuple[Cache, list[tuple[str, int, int, Any]]]:
+    """A cache whose reads (one at a time, or several in one call) are recorded."""
     c = Cache.open(path)
-    reads: list[tuple[str, int, int]] = []
-    orig = c.read
+    reads: list[tuple[str, int, int, Any]] = []
+    orig, orig_many = c.read, c.read_many
 
-    def read(p: str, a: int, b: int) -> np.ndarray:
-        reads.append((p, a, b))
-        return orig(p, a, b)
+    def read(p: str, a: int, b: int, layers: Any = None) -> np.ndarray:
+        reads.append((p, a, b, layers))
+        return orig(p, a, b, layers=layers)
+
+    def read_many(requests: list[tuple[str, int, int]], layers: Any = None) -> list[np.ndarray]:
+        reads.extend((p, a, b, layers) for p, a, b in requests)
+        return orig_many(requests, layers=layers)
 
     c.read = read  # type: ignore[method-assign]
+    c.read_many = read_many  # type: ignore[method-assign]
     return c, reads
 
 
-def test_layer_subset_reads_only_those_arrays(cache_path: str) -> None:
+def test_layer_subset_reads_only_those_layers(cache_path: str) -> None:
     c, reads = _recording(cache_path)
     loader = _loader(c, layers=(3, 1))
     assert loader.layers == [3, 1]
     batches = list(loader)
-    acts_read = {p for p, _, _ in reads if p.startswith("acts/")}
-    assert acts_read == {f"acts/{SITE}/layer_001", f"acts/{SITE}/layer_003"}
+    # One array, one read per chunk, for the asked layers only (in the order asked).
+    assert {(p, tuple(layers)) for p, _, _, layers in reads if p.startswith("acts/")} == {(ACTS, (3, 1))}
     # Activations are read chunk by chunk, never the whole split at once.
-    assert {b - a for p, a, b in reads if p.startswith("acts/")} <= {2, 4}
-    # Train rows only, plus the dev rows of the chunk the split cuts: checksums cover whole chunks.
-    assert all(a >= 0 and b <= 32 for _, a, b in reads)
+    assert {b - a for p, a, b, _ in reads if p.startswith("acts/")} <= {2, 4}
+    # Train rows only: the chunk the split cuts is read for its train rows.
+    assert all(a >= 0 and b <= 30 for _, a, b, _ in reads)
     plain = Cache.open(cache_path)
     for b in batches:
         assert set(b.acts) == {1, 3}
@@ -271,7 +276,7 @@ def test_layer_subset_reads_only_those_arrays(cache_path: str) -> None:
     none = _loader(c2, layers=(), topk=False)
     batch = next(iter(none))
     assert batch.acts == {} and batch.topk_values is None and batch.topk_ids is None
-    assert not [p for p, _, _ in reads2 if not p.startswith("tokens/")]
+    assert not [p for p, _, _, _ in reads2 if not p.startswith("tokens/")]
     assert none.bytes_read == 0
 
 
@@ -280,7 +285,7 @@ def test_bf16_decoding_is_exact(cache_path: str) -> None:
     bf = next(iter(_loader(c, dtype="bfloat16", layers=(2,))))
     f32 = next(iter(_loader(c, dtype="float32", layers=(2,))))
     assert torch.equal(bf.rows, f32.rows)
-    bits = np.concatenate([c.read(f"acts/{SITE}/layer_002", r, r + 1) for r in bf.rows.tolist()])
+    bits = np.concatenate([c.read(ACTS, r, r + 1, layers=[2])[:, 0] for r in bf.rows.tolist()])
     assert bits.dtype == np.uint16 and bits.any()
     assert bf.acts[2].dtype == torch.bfloat16
     assert np.array_equal(bf.acts[2].view(torch.uint16).numpy(), bits)
@@ -290,21 +295,48 @@ def test_bf16_decoding_is_exact(cache_path: str) -> None:
     assert np.array_equal(f32.acts[2].numpy(), widened)
 
 
+def test_batches_hold_the_stored_dtype_and_convert_on_the_device(cache_path: str, tmp_path: Path) -> None:
+    batch = next(iter(_loader(cache_path, layers=(1, 2))))
+    assert batch.acts[1].dtype == torch.bfloat16 and batch.act_scales is None
+    on_device = batch.activations("cpu")
+    assert set(on_device) == {1, 2}
+    for layer, a in on_device.items():
+        assert a.dtype == torch.float32 and torch.equal(a, batch.acts[layer].float())
+    # int8: the int8 values and their per-vector scales travel; the product is taken on the device
+    c = _synthetic(tmp_path, 12, 4, 4, dtype="int8")
+    loader = CacheLoader(c, LoaderConfig(batch_size=4, seed=1))
+    assert not loader._pin or torch.cuda.is_available()  # pinned memory only where CUDA is
+    for b in loader:
+        assert b.acts[5].dtype == torch.int8 and b.act_scales is not None
+        assert b.act_scales[5].shape == (len(b), 2) and b.act_scales[5].dtype == torch.float32
+        want = b.rows.float()[:, None, None].expand(-1, 2, 3)
+        assert torch.equal(b.activations("cpu")[5], want)  # a constant vector is exact in int8
+    f32 = CacheLoader(c, LoaderConfig(batch_size=4, seed=1, dtype="float32"))  # converted in the loader
+    assert [torch.equal(x.acts[5], x.rows.float()[:, None, None].expand(-1, 2, 3)) for x in f32] == [True] * 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned memory needs CUDA")
+def test_batches_are_pinned_with_cuda(cache_path: str) -> None:
+    batch = next(iter(_loader(cache_path, layers=(1,), pin_memory=True)))
+    assert batch.acts[1].is_pinned()
+    assert batch.activations("cuda")[1].device.type == "cuda"
+
+
 def test_reader_errors_reach_the_consumer(cache_path: str) -> None:
     c = Cache.open(cache_path)
-    orig = c.read
+    orig = c.read_many
     calls = {"n": 0}
 
-    def flaky(p: str, a: int, b: int) -> np.ndarray:
-        if p.startswith("acts/"):
+    def flaky(requests: list[tuple[str, int, int]], layers: Any = None) -> list[np.ndarray]:
+        if any(p.startswith("acts/") for p, _, _ in requests):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise OSError("disk on fire")
-        return orig(p, a, b)
+        return orig(requests, layers=layers)
 
-    c.read = flaky  # type: ignore[method-assign]
+    c.read_many = flaky  # type: ignore[method-assign]
     with pytest.raises(OSError, match="disk on fire"):
-        list(_loader(c, layers=(0,), batch_size=4))
+        list(_loader(c, layers=(0,), batch_size=4, prefetch=1))  # one chunk a read
     assert _loader_threads() == []
 
 
@@ -415,24 +447,31 @@ def test_reader_thread_ends_when_the_iteration_is_abandoned(cache_path: str) -> 
 # ----------------------------------------------------------------------------- varied chunking
 
 
-def _synthetic(store: Path, n_train: int, n_dev: int, rpc: int) -> Cache:
+def _synthetic(store: Path, n_train: int, n_dev: int, rpc: int, dtype: str = "bf16") -> Cache:
     """A cache written through the store API whose activations spell out their row: x[r, j, h] = r."""
-    from ia2cache.store import ArraySpec, encode_activations
+    from ia2cache.store import ACT_DTYPES, ArraySpec, encode_activations, scale_path
 
     n, p, h = n_train + n_dev, 2, 3
-    act = ArraySpec(f"acts/{SITE}/layer_005", (p, h), "uint16", "bfloat16", stats=True)
+    d = ACT_DTYPES[dtype]
+    scales = scale_path(SITE) if dtype == "int8" else None
+    act = ArraySpec(ACTS, (1, p, h), d.stored, d.logical, stats=True, scales=scales)
     ragged = ("student_ids", "response_ids", "target_ids", "student_positions")
     lens = ("student_len", "response_len", "target_len", "positions_len")
     specs = [act, *(ArraySpec(f"tokens/{k}", (4,), "int32") for k in ragged),
              *(ArraySpec(f"tokens/{k}", (), "int32") for k in lens)]
+    if scales:
+        specs.append(ArraySpec(scales, (1, p), "float32"))
     manifest = {"model": {"fingerprint": "a", "tokenizer_fingerprint": "b"}, "site": SITE, "layers": [5],
                 "n_train": n_train, "n_dev": n_dev}
     c = Cache.create_or_open(store, "0123456789abcdef", manifest, specs, n, rpc * 2, rpc)
     rows = np.arange(n)
     ids = np.where(np.arange(4)[None, :] < 2, rows[:, None], -1).astype(np.int32)
     data = {f"tokens/{k}": ids for k in ragged} | {f"tokens/{k}": np.full(n, 2, np.int32) for k in lens}
-    x = torch.arange(n, dtype=torch.float32)[:, None, None].expand(n, p, h)
-    data[act.path] = encode_activations(x, "bf16")
+    x = torch.arange(n, dtype=torch.float32)[:, None, None, None].expand(n, 1, p, h)
+    enc = encode_activations(x, dtype)
+    data[act.path] = enc.values
+    if scales:
+        data[scales] = enc.scales
     for s in range(c.n_shards):
         a, b = c.shard_rows(s)
         c.write_shard(s, {k: v[a:b] for k, v in data.items()})
@@ -455,7 +494,7 @@ def test_every_resume_point_and_memory_bound(tmp_path: Path, n_train: int, rpc: 
         assert len(batches) == len(full) == n_batches
         assert _rows(batches) == full.order(epoch)[: n_batches * bs]
         for b in batches:  # the activations name their own row
-            assert torch.equal(b.acts[5], b.rows.float()[:, None, None].expand(-1, 2, 3))
+            assert torch.equal(b.acts[5].float(), b.rows.float()[:, None, None].expand(-1, 2, 3))
             assert b.student_ids.tolist() == [[r, r] for r in b.rows.tolist()]
     assert full.max_rows_held <= 2 * (bs + buf + rpc)
     for pos in range(n_batches + 1):

@@ -109,7 +109,7 @@ def test_collect_distill_eval_multitoken_end_to_end(tmp_path: Path, tiny_model_d
     cache = Cache.open(res.cache)
     assert res.status == "complete" and res.rows == 4 + 16 and cache.verify() == []  # N + D dev rows
     assert cache.manifest["max_new_tokens"] == 6
-    assert cache.read("acts/attn/layer_000", 0, 6).shape[:2] == (6, 6)
+    assert cache.read("acts/attn", 0, 6, layers=[0]).shape[:3] == (6, 1, 6)
     # SFT labels end with the stop string, as the teacher's responses do: SFT learns to stop.
     tok = load_model(str(tiny_model_dir), device="cpu").tokenizer
     ids, lens = cache.read("tokens/target_ids", 0, 4), cache.read("tokens/target_len", 0, 4)

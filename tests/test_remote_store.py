@@ -20,11 +20,13 @@ from typing import Any
 
 import pytest
 
-from ia2cache._fs import RemotePath, location, remote_lock
 from ia2cache.collect import CollectConfig, collect
 from ia2cache.distill import DistillConfig, distill
 from ia2cache.errors import IA2Error
 from ia2cache.store import Cache, list_caches, resolve_cache
+from ia2cache.store import lock as lock_mod
+from ia2cache.store.locations import RemotePath
+from ia2cache.store.lock import remote_lock
 from tests.conftest import mixed_length_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +96,8 @@ def _cli(args: list[str], s3_env: dict[str, str], home: Path, **extra: str) -> s
 
 
 def _collect_args(task: dict[str, Any], store: str) -> list[str]:
-    return ["collect", "--model", task["model"], "--task", task["task"], "--n", "12", "--k", "3",
+    return ["collect", "--model", task["model"], "--task", task["task"], "--n", "12", "--dev", "6",
+            "--k", "3",
             "--dtype", "fp32", "--batch-size", "4", "--shard-rows", "8", "--max-new-tokens", "1",
             "--store", store, "--json"]
 
@@ -130,15 +133,14 @@ def test_collect_kill_resume_verify_distill_on_s3(s3: dict[str, str], task: dict
     done = Cache.open(f"{store}/{key}")
     assert done.status == "complete" and done.bytes_on_disk() > 0
     # 3. Bit for bit what an uninterrupted local collect writes.
-    ref = collect(CollectConfig(model=task["model"], task=task["task"], n=12, k=3, dtype="fp32",
+    ref = collect(CollectConfig(model=task["model"], task=task["task"], n=12, dev=6, k=3, dtype="fp32",
                                 batch_size=4, shard_rows=8, max_new_tokens=1, store=str(tmp_path / "local")))
     assert ref.key == key
     a, b = Cache.open(ref.cache), Cache.open(f"{store}/{key}")
     for p in a.specs:
         assert a.read(p, 0, a.n_rows).tobytes() == b.read(p, 0, b.n_rows).tobytes(), p
     for s in range(a.n_shards):
-        ea, eb = a._ledger_entry(s), b._ledger_entry(s)
-        assert (ea.pop("written"), eb.pop("written")) and ea == eb
+        assert a.ledger_entry(s) == b.ledger_entry(s)  # every checksum and stat (not the write time)
     # 4. distill streams from the S3 cache, exactly as from the local copy.
     common = dict(method="a2t", epochs=2, batch_size=4, lr=1e-3, device="cpu")
     remote = distill(DistillConfig(cache=key, store=store, out=str(tmp_path / "d_s3"), **common))
@@ -146,16 +148,20 @@ def test_collect_kill_resume_verify_distill_on_s3(s3: dict[str, str], task: dict
     assert remote.history == local.history and len(remote.history) == 4
     assert json.loads((tmp_path / "d_s3" / "run.json").read_text())["cache"] == f"{store}/{key}"
     assert (tmp_path / "d_s3" / "adapter_model.safetensors").is_file()
-    # 5. Damage on S3 is found and named: one shard object of a layer overwritten.
-    arr = b.array("acts/attn/layer_001")
-    obj = f"{BUCKET}/runs/a/{key}/acts/attn/layer_001/{arr.metadata.encode_chunk_key((1, 0, 0))}"
+    # 5. Damage on S3 is found and named: a shard object of the activations overwritten by another
+    # (intact for its crc32c, not for the ledger's sha256), then one deleted (never read as zeros).
+    arr = b.array("acts/attn")
+    obj = f"{BUCKET}/runs/a/{key}/acts/attn/{arr.metadata.encode_chunk_key((1, 0, 0, 0))}"
     good = fs.cat_file(obj)
-    fs.pipe_file(obj, fs.cat_file(f"{BUCKET}/runs/a/{key}/acts/attn/layer_001/"
-                                  f"{arr.metadata.encode_chunk_key((0, 0, 0))}"))
+    fs.pipe_file(obj, fs.cat_file(f"{BUCKET}/runs/a/{key}/acts/attn/"
+                                  f"{arr.metadata.encode_chunk_key((0, 0, 0, 0))}"))
     probs = Cache.open(f"{store}/{key}").verify()
-    assert probs and {p.array for p in probs} == {"acts/attn/layer_001"}
+    assert probs and {p.array for p in probs} == {"acts/attn"}
     assert all(8 <= p.rows[0] < p.rows[1] <= 16 for p in probs)
     assert {p.reason for p in probs} >= {"checksum mismatch"}
+    fs.rm_file(obj)
+    probs = Cache.open(f"{store}/{key}").verify()
+    assert [(p.array, p.rows) for p in probs] == [("acts/attn", (8, 16))] and "missing" in probs[0].reason
     fs.pipe_file(obj, good)
     assert Cache.open(f"{store}/{key}").verify() == []
 
@@ -172,7 +178,7 @@ def test_ledger_entry_is_one_put(s3: dict[str, str], task: dict[str, Any], tmp_p
 
     monkeypatch.setattr(s3fs.S3FileSystem, "_pipe_file", spy)
     s3fs.S3FileSystem.clear_instance_cache()  # instances bind their sync methods when made
-    res = collect(CollectConfig(model=task["model"], task=task["task"], n=4, k=2, dtype="fp32",
+    res = collect(CollectConfig(model=task["model"], task=task["task"], n=4, dev=2, k=2, dtype="fp32",
                                 batch_size=4, shard_rows=4, chunk_rows=4, max_new_tokens=1,
                                 store=f"s3://{BUCKET}/runs/put"))
     ledger = [p for p, _ in puts if "/ledger/" in p]
@@ -185,25 +191,23 @@ def test_ledger_entry_is_one_put(s3: dict[str, str], task: dict[str, Any], tmp_p
 
 
 def test_remote_lock_excludes_a_second_writer(s3: dict[str, str]) -> None:
-    cache = location(f"s3://{BUCKET}/locks/0123456789abcdef")
-    assert isinstance(cache, RemotePath)
-    lock = cache / ".lock"
-    with remote_lock(cache):
+    lock = RemotePath(f"s3://{BUCKET}/locks/0123456789abcdef") / ".lock"
+    with remote_lock(lock):
         assert lock.exists()
         with pytest.raises(IA2Error, match=r"another ia2cache process is writing .*\.lock.*pid"), \
-                remote_lock(cache):
+                remote_lock(lock):
             pass
         assert lock.exists()  # the refused attempt did not remove the holder's lock
     assert not lock.exists()
     # A lock left by a process of another host is refused, not taken over.
     lock.write_bytes(json.dumps({"host": "elsewhere", "pid": 1, "token": "x"}).encode())
-    with pytest.raises(IA2Error, match="host elsewhere"), remote_lock(cache):
+    with pytest.raises(IA2Error, match="host elsewhere"), remote_lock(lock):
         pass
     # One left by a dead process of this host is taken over.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     lock.write_bytes(json.dumps({"host": socket.gethostname(), "pid": dead.pid, "token": "y"}).encode())
-    with remote_lock(cache):
+    with remote_lock(lock):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert not lock.exists()
 
@@ -235,29 +239,26 @@ def test_two_takers_of_a_stale_lock_one_wins(s3: dict[str, str], monkeypatch: py
     (the old unconditional delete let the second delete the first's fresh lock and both 'hold')."""
     import threading
 
-    from ia2cache import _fs
-
-    cache = location(f"s3://{BUCKET}/locks/race")
-    lock = cache / ".lock"
+    lock = RemotePath(f"s3://{BUCKET}/locks/race") / ".lock"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     stale = {"host": socket.gethostname(), "pid": dead.pid, "token": "stale"}
     lock.write_bytes(json.dumps(stale).encode())
     both_read = threading.Barrier(2, timeout=30)
-    real_alive = _fs._pid_alive
+    real_alive = lock_mod._pid_alive
 
     def alive(pid: int) -> bool:
         if pid == dead.pid:
             both_read.wait()  # both have judged the same lock stale before either acts
         return real_alive(pid)
 
-    monkeypatch.setattr(_fs, "_pid_alive", alive)
+    monkeypatch.setattr(lock_mod, "_pid_alive", alive)
     after = threading.Barrier(2, timeout=30)
     results: dict[str, str] = {}
 
     def taker(name: str) -> None:
         try:
-            with remote_lock(cache):
+            with remote_lock(lock):
                 results[name] = "held"
                 after.wait()  # hold it until the other one is done
         except IA2Error as e:
@@ -278,10 +279,10 @@ def test_two_takers_of_a_stale_lock_one_wins(s3: dict[str, str], monkeypatch: py
 def test_stale_takeover_is_conditional(s3: dict[str, str]) -> None:
     """_take_over replaces the stale object only while it is still the one read: S3 by If-Match
     on its ETag, memory:// (no conditional PUT) by re-reading the holder first."""
-    from ia2cache._fs import _read_holder, _take_over
+    from ia2cache.store.lock import _read_holder, _take_over
 
     for url in (f"s3://{BUCKET}/locks/cond", "memory://ia2cache-locks/cond"):
-        lock = location(url) / ".lock"
+        lock = RemotePath(url) / ".lock"
         lock.parent.mkdir(parents=True, exist_ok=True)
         lock.write_bytes(b'{"host": "h", "pid": 1, "token": "old"}')
         seen = _read_holder(lock)

@@ -327,6 +327,25 @@ def _label_filter(hs: HFSpec) -> Callable[[Row], bool]:
     return lambda row: hs.format(row, probe) is not None
 
 
+def _label_hint(hs: HFSpec, ds: Any) -> str:
+    """Why label rows were dropped: the label type the task expects, and what row 0 holds."""
+    if "label" not in hs.columns:
+        return ""
+    probe = np.random.RandomState(0)
+    ok = []
+    for cand in range(16):  # the class ids the formatter accepts, and the word each becomes
+        try:
+            pair = hs.format({**{c: "x" for c in hs.columns}, "label": cand}, probe)
+        except (IndexError, KeyError, ValueError):  # an id past the label words
+            pair = None
+        if pair is not None:
+            ok.append(f"{cand} -> {pair[1]}")
+    first = next(iter(ds), None)
+    seen = first.get("label") if isinstance(first, dict) else None
+    return (f"; its label column must hold integer class ids ({', '.join(ok)}), as the hub dataset "
+            f"{hs.dataset} does, not label words: row 0 has {seen!r} ({type(seen).__name__})")
+
+
 def _take(hs: HFSpec, ds: Any, limit: int, rng: np.random.RandomState, prefix: str) -> list[Example]:
     out: list[Example] = []
     for i, row in enumerate(ds):
@@ -380,7 +399,7 @@ def load_hf(spec: str, template: str | None = None, separator: str | None = None
         pool, evl = rows[: len(rows) - n_eval][:pool_max], rows[len(rows) - n_eval :]
     if not pool or not evl:
         raise IA2Error(f"hf:{hs.name}: too few usable rows (pool {len(pool)}, eval {len(evl)}) "
-                       f"in {local or hs.dataset}")
+                       f"in {local or hs.dataset}" + _label_hint(hs, read(hs.pool_split)))
     data_from = str(local) if local is not None else f"hub/cache {hs.dataset}"
     # Hub rows are kept as the reference code keeps them (a warning names rows whose target holds
     # the stop string or the separator, or that repeat an input); a --separator that clashes

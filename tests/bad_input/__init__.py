@@ -1,0 +1,1 @@
+"""The bad-input matrix, one module per command (see ``conftest.py``)."""
