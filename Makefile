@@ -60,6 +60,14 @@ demo: install
 	@echo "== 3. the paired a2t - tok line, the budgets that bound, the tables (also $(DEMO_OUT)/report.md, PNGs)"
 	$(IA2) report $(DEMO_OUT)
 
+# The benchmarks of the README's "Performance" (minutes each; run them on an otherwise idle
+# machine). Each prints one JSON object and keeps it under benchmarks/results/. `int8_effect.sh`
+# (about 25 minutes) and `icl_gain` (a table per model) are run by hand.
+BENCHES ?= loader_throughput store_format data_wait memory distill_step sweep_reuse sweep_parallel \
+	collect_vs_reference capture_overhead storage
+bench: install
+	@for b in $(BENCHES); do echo "== $$b"; $(PY) -m benchmarks.$$b || exit 1; done
+
 # The GPU check's wheel bundle: what the lent GPU machine (Python $(GPU_PYTHON), no network)
 # lacks, downloaded here; refused above 60 MiB. Then, on the device: `bash benchmarks/gpu_check.sh`
 # with carry ["$(GPU_BUNDLE)"] (see the script's header).

@@ -263,6 +263,24 @@ def _labels(infos: list[dict[str, Any]]) -> None:
         i["label"] = i["method"] if counts[i["method"]] == 1 else f"{i['method']} N{i['n']} s{i['seed']}"
 
 
+def _model_of(info: dict[str, Any], config: SimilarityConfig, cache: Cache,
+              device: torch.device | None) -> tuple[Any, Any]:
+    """(model, tokenizer) of one measured entry: the cache's own base model (its fingerprint
+    checked), or an adapter on it."""
+    from ia2cache.evaluate import load_adapter
+    from ia2cache.models import load_model
+
+    if info["adapter"] is not None:
+        model, tokenizer, _ = load_adapter(info["adapter"], device=config.device)
+        return model, tokenizer
+    spec = config.model or cache.manifest.get("about", {}).get("model_spec", "default")
+    fp = cache.manifest["model"]["fingerprint"]
+    loaded = load_model(spec, device=device)
+    if loaded.info.fingerprint != fp:
+        raise IA2Error(f"--model {spec}: model {loaded.info.fingerprint} is not the cache's {fp}")
+    return loaded.model.eval(), loaded.tokenizer
+
+
 def similarity(config: SimilarityConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Cosine and normalised MSE between each model's activations and the cached teacher's.
 
@@ -274,9 +292,6 @@ def similarity(config: SimilarityConfig, progress: Callable[[str], None] | None 
         JSON-ready: the cache's description, the metric definitions, the teacher's per-layer
         variance and one entry per model (``methods``) with per-layer and per-position values.
     """
-    from ia2cache.evaluate import load_adapter
-    from ia2cache.models import load_model
-
     t0 = time.perf_counter()
     store = location(config.store or default_store())  # a directory or an fsspec URL
     cache = Cache.open(resolve_cache(store, config.cache))
@@ -306,14 +321,7 @@ def similarity(config: SimilarityConfig, progress: Callable[[str], None] | None 
     for info in infos:
         if progress:
             progress(info["label"])
-        if info["adapter"] is None:
-            spec = config.model or m.get("about", {}).get("model_spec", "default")
-            loaded = load_model(spec, device=device)
-            if loaded.info.fingerprint != fp:
-                raise IA2Error(f"--model {spec}: model {loaded.info.fingerprint} is not the cache's {fp}")
-            model, tokenizer = loaded.model.eval(), loaded.tokenizer
-        else:
-            model, tokenizer, _ = load_adapter(info["adapter"], device=config.device)
+        model, tokenizer = _model_of(info, config, cache, device)
         dev = next(model.parameters()).device
         sums = _measure(model, tokenizer.pad_token_id, cache, tok, layers, site, config.batch_size,
                         block, dev)

@@ -308,8 +308,7 @@ class _Run:
     def use_rows(self, objective: str) -> None:
         """Train the next phase on its rows: with unlabelled rows in the cache, an objective that
         reads no labels (act, and tokl's teacher distribution) takes them too; tok never does."""
-        cls = OBJECTIVES[objective]
-        reads_labels = cls.needs_logits and not cls.needs_topk
+        reads_labels = OBJECTIVES[objective].reads_labels()
         self.train = self.everything if self.everything is not None and not reads_labels else self.labelled
 
     @property

@@ -188,6 +188,14 @@ def ood_task(train: Task, target: Task) -> Task:
                 separator=target.separator, stop=target.stop, source=target.source, card=card)
 
 
+def _score_teacher(model: Any, tokenizer: Any, task: Task, pairs: list[PromptPair], config: EvalConfig,
+                   device: torch.device, single: bool, max_new: int) -> dict[str, Any]:
+    """The ICL teacher's scores: the base model (a peft adapter switched off) with k demos."""
+    ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with ctx:
+        return _score(model, tokenizer, task, pairs, "icl", config.batch_size, device, single, max_new)
+
+
 def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
              device: torch.device | None = None, details: bool = False,
              teacher_answers: list[Any] | None = None) -> dict[str, Any]:
@@ -233,12 +241,8 @@ def evaluate(model: Any, tokenizer: Any, task: Task, config: EvalConfig,
         key = "pred" if "pred" in res else "answers"
         agreement = agreement_rate(res, {key: np.array(teacher_answers, dtype=object)})
     if icl_pairs:
-        # The teacher is the base model: switch a peft adapter off while it answers.
-        ctx = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-        with ctx:
-            teacher = _score(model, tokenizer, task, icl_pairs, "icl", config.batch_size, device, single,
-                             max_new)
-        agreement = agreement_rate(res, teacher)
+        agreement = agreement_rate(res, _score_teacher(model, tokenizer, task, icl_pairs, config, device,
+                                                       single, max_new))
     model.train(was_training)
     conf, corr = res["confidence"], res["correct"]
     out = {

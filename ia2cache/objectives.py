@@ -122,6 +122,12 @@ class Objective:
     needs_topk: ClassVar[bool] = False
     """The forward must give logits at the aligned positions, and the cache its top-k."""
 
+    @classmethod
+    def reads_labels(cls) -> bool:
+        """Whether the loss reads gold (or teacher) labels: then it trains on labelled rows only;
+        otherwise (act, tokl) also on a cache's unlabelled rows."""
+        return cls.needs_logits and not cls.needs_topk
+
     def loss(self, out: StudentOut, tgt: Targets) -> torch.Tensor:
         raise NotImplementedError
 

@@ -45,7 +45,7 @@ from ia2cache.collect import CollectConfig, collect
 from ia2cache.distill import DistillConfig, distill
 from ia2cache.errors import IA2Error
 from ia2cache.evaluate import EvalConfig, evaluate, load_adapter, ood_task
-from ia2cache.objectives import SCHEDULES
+from ia2cache.objectives import OBJECTIVES, SCHEDULES
 from ia2cache.outputs import OutputLock, claim_output_dir, json_safe
 from ia2cache.prompts import DEFAULT_DEV, ICL_DEMOS, check_seed
 
@@ -120,8 +120,9 @@ class SweepConfig:
     """Score every cell on this task's eval split instead (out of distribution, e.g. train
     hf:sst2, eval hf:fins); caches, adapters and ICL demos still come from ``task``."""
     unlabelled: tuple[int, ...] = (0,)
-    """M values (a grid axis): unlabelled teacher rows the activation phases also train on
-    (``collect --unlabelled M``). Methods without such a phase (tok, tna, ICL) run at M=0 only."""
+    """M values (a grid axis): unlabelled teacher rows the phases whose objective reads no labels
+    (act, tokl) also train on (``collect --unlabelled M``). Methods without such a phase (tok,
+    tna, ICL) run at M=0 only."""
     unlabelled_file: str | None = None
     """JSONL of {"input": ...} lines to draw the unlabelled queries from (default: the pool rows
     after train and dev, targets dropped)."""
@@ -581,8 +582,9 @@ def _relative(path: Path, out: Path) -> str:
 
 
 def uses_unlabelled(method: str) -> bool:
-    """Whether a sweep method has a phase that trains on unlabelled rows (an ``act`` phase)."""
-    return "act" in SCHEDULES[SWEEP_METHODS[method][0]]
+    """Whether a sweep method has a phase that trains on unlabelled rows: one whose objective
+    reads no labels (act, tokl), as distill decides (``Objective.reads_labels``)."""
+    return any(not OBJECTIVES[o].reads_labels() for o in SCHEDULES[SWEEP_METHODS[method][0]])
 
 
 def _order(methods: tuple[str, ...]) -> list[str]:
@@ -644,22 +646,7 @@ def sweep(config: SweepConfig, progress: Callable[[Event], None] | None = None) 
         done = {(r["n"], r["seed"], r.get("unlabelled", 0), r["method"]) for r in read_results(out)
                 if r.get("settings") == plan.settings_hash and r["task"] == plan.task_name
                 and r.get("eval_task", r["task"]) == plan.eval_name}
-        order = _order(config.methods)
-        work: list[tuple[tuple[int, int], list[str]]] = []
-        total = skipped = 0
-        for j in plan.mine:
-            n, s, m = plan.units[j]
-            if n == 0:
-                cells = ["base"]
-            elif m == 0:
-                cells = ["icl", *order]
-            else:  # only methods with an activation phase read unlabelled rows
-                cells = [x for x in order if uses_unlabelled(x)]
-            todo = [x for x in cells if (n, s, m, x) not in done]
-            total += len(cells)
-            skipped += len(cells) - len(todo)
-            if todo:
-                work.append(((n, s, m), todo))
+        work, total, skipped = _work_left(config, plan, done)
         counts = {"done": 0, "failed": 0}
         t0 = time.perf_counter()
 
@@ -700,6 +687,27 @@ def sweep(config: SweepConfig, progress: Callable[[Event], None] | None = None) 
 
 
 Work = list[tuple[tuple[int, int, int], list[str]]]
+
+
+def _work_left(config: SweepConfig, plan: Any, done: set[tuple[int, int, int, str]]) -> tuple[Work, int, int]:
+    """This shard's units with the cells still to run, and the counts of its cells and of those
+    already done (base at the N=0 unit, ICL and every method at M=0, only the methods with a
+    label-free phase at M>0: only they read unlabelled rows)."""
+    order = _order(config.methods)
+    work: Work = []
+    total = skipped = 0
+    for j in plan.mine:
+        n, s, m = plan.units[j]
+        if n == 0:
+            cells = ["base"]
+        else:
+            cells = ["icl", *order] if m == 0 else [x for x in order if uses_unlabelled(x)]
+        todo = [x for x in cells if (n, s, m, x) not in done]
+        total += len(cells)
+        skipped += len(cells) - len(todo)
+        if todo:
+            work.append(((n, s, m), todo))
+    return work, total, skipped
 
 
 def _run_pool(config: SweepConfig, pdict: dict[str, Any], out: Path, work: Work,

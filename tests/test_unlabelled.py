@@ -23,6 +23,7 @@ from ia2cache.collect import CollectConfig, collect
 from ia2cache.distill import DistillConfig, distill
 from ia2cache.errors import IA2Error
 from ia2cache.store import Cache
+from ia2cache.sweep import SWEEP_METHODS
 from tests.conftest import write_jsonl, write_task
 
 WORDS = ["hot", "up", "big", "walk", "go", "France", "Spain", "Italy"]
@@ -136,3 +137,21 @@ def test_a_killed_collect_of_many_unlabelled_rows_resumes_bit_identically(env: d
     for p in a.specs:
         np.testing.assert_array_equal(a.read(p, 0, a.n_rows), b.read(p, 0, b.n_rows), err_msg=p)
     assert b.verify() == [] and b.status == "complete"
+
+
+@pytest.mark.parametrize("method", sorted(SWEEP_METHODS))
+def test_a_sweep_adds_m_cells_exactly_for_methods_whose_distill_reads_unlabelled_rows(method: str) -> None:
+    """One rule: the sweep runs a method at M > 0 iff one of its phases trains on the unlabelled
+    rows in distill (an objective that reads no labels); the others are M = 0 references."""
+    from ia2cache.objectives import OBJECTIVES, SCHEDULES
+    from ia2cache.sweep import uses_unlabelled
+
+    schedule = SCHEDULES[SWEEP_METHODS[method][0]]
+    rows = []
+    for objective in schedule:
+        run = distill_mod._Run.__new__(distill_mod._Run)  # only use_rows' choice is exercised
+        run.labelled, run.everything = "labelled", "everything"
+        run.use_rows(objective)
+        rows.append(run.train)
+    assert uses_unlabelled(method) == ("everything" in rows)
+    assert uses_unlabelled(method) == any(OBJECTIVES[o].name in ("act", "tokl") for o in schedule)

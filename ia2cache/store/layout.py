@@ -81,9 +81,9 @@ EXAMPLE_INDEX, DEMO_INDEX, SPLIT = "rows/example_index", "rows/demo_index", "row
 TOPK_VALUES, TOPK_IDS = "logits/topk_values", "logits/topk_ids"
 
 CODECS = ("none", "lz4", "zstd")
-"""Compressors before the crc32c codec: none; blosc lz4 with bit shuffle (activations: reads near
-the speed of uncompressed ones, see the README's "Performance"); blosc zstd with byte shuffle
-(the small token arrays, read once per loader)."""
+"""Compressors before the crc32c codec: none; blosc lz4 without shuffle (the activations: the
+fastest loader of the measured layouts, see the README's "Performance"); blosc zstd with byte
+shuffle (the small token arrays, read once per loader)."""
 ACT_CODEC = "lz4"
 """The activations' codec (chosen from the layout measurements in the README)."""
 ACT_CHUNK_BYTES = 1 << 20

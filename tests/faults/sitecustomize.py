@@ -22,9 +22,13 @@ if os.environ.get("IA2CACHE_FAULT") or os.environ.get("IA2CACHE_HOLD"):
     import contextlib
     import re
     import signal
+    import sys
     import time
     from pathlib import Path
 
+    # At startup the current folder is not on sys.path yet: import this checkout's ia2cache
+    # (the one the tests run), installed or not.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from ia2cache._faults import fault_point, set_fault_hook
 
     _hits: dict[str, int] = {}
