@@ -67,7 +67,8 @@ BAD_TEMPLATES = [
 @pytest.mark.parametrize("template", BAD_TEMPLATES)
 def test_a_template_without_exactly_one_literal_input_is_refused(task_file: Path, template: str) -> None:
     for spec in (str(task_file), "antonyms"):
-        _refused("--template", spec, template=template)
+        msg = _refused("--template", spec, template=template)
+        assert "{input}" in msg, msg  # names what a template must hold
 
 
 def test_an_empty_template_is_refused_not_the_default(task_file: Path) -> None:
@@ -149,11 +150,12 @@ def test_the_prompt_holds_the_input(tmp_path: Path, tiny_tok: Any) -> None:
 
 @pytest.mark.parametrize("separator", ["", None])
 def test_an_empty_separator_is_refused(task_file: Path, separator: str | None) -> None:
-    if separator is None:
-        load_task(str(task_file), separator=None)  # None: the default
+    if separator is None:  # None: the task's own (default) separator, not a refusal
+        assert load_task(str(task_file), separator=None).separator == load_task(str(task_file)).separator
         return
-    _refused("--separator '': empty", str(task_file), separator=separator)
-    _refused("--separator '': empty", "antonyms", separator=separator)
+    for spec in (str(task_file), "antonyms"):
+        msg = _refused("--separator '': empty", spec, separator=separator)
+        assert "'\\n\\n'" in msg, msg  # says what a separator looks like
 
 
 # -- JSONL lines ---------------------------------------------------------------------------------
@@ -279,7 +281,8 @@ def test_inputs_that_differ_in_case_are_different_inputs(tmp_path: Path) -> None
 
 def test_a_file_of_one_row_repeated_is_refused(tmp_path: Path) -> None:
     p = write_task(tmp_path / "t.jsonl", [("a", "b")] * 4)
-    _refused("at least 2 distinct examples", str(p))
+    msg = _refused("at least 2 distinct examples", str(p))
+    assert msg.startswith(str(p)), msg  # names the file
 
 
 # -- targets the prompt format cannot produce ----------------------------------------------------
@@ -356,7 +359,8 @@ def test_a_jsonl_file_named_after_a_builtin_reports_its_own_name(tmp_path: Path)
 def test_specs_that_name_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: str,
                                  match: str) -> None:
     monkeypatch.chdir(tmp_path)
-    _refused(match, spec)
+    msg = _refused(match, spec)
+    assert msg.startswith("--task"), msg  # names the flag at fault
 
 
 # -- the built-in tasks obey the same rules ------------------------------------------------------
