@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -262,9 +263,10 @@ class _Plan:
     specs: list[ArraySpec]
     hidden: int
 
-    @property
+    @cached_property
     def pool_index(self) -> dict[str, int]:
-        """Example id -> index in the task pool (what ``rows/example_index`` stores)."""
+        """Example id -> index in the task pool (what ``rows/example_index`` stores); built once
+        per collect, not per shard."""
         return {e.id: i for i, e in enumerate(self.task.pool)}
 
 
