@@ -55,8 +55,8 @@ SKIPPED = {
 }
 """Project dependencies the GPU check does not import, with the reason."""
 EXTRA_ROOTS: tuple[str, ...] = ()
-"""Imported by ia2cache directly although no dependency names it: none (google-crc32c, for the
-store's crc32c codec, comes with zarr)."""
+"""Imported by ia2cache directly although no dependency names it: none (google-crc32c, which
+``ia2cache.store.direct`` imports, is declared, and comes with zarr's closure anyway)."""
 
 
 def _packaging() -> Any:

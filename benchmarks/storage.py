@@ -4,7 +4,7 @@ Collects real teacher activations on the default model (task antonyms, N=16, T=1
 layers, stored as fp32) into a temp store and reads them back. Then writes those same values
 through the store API (``Cache.create_or_open`` + ``write_shard`` + ``finalize``, 32 rows a
 shard and 8 a chunk, chunked along layers as collect does, store format 2) as bf16 / fp16 / fp32
-/ int8, each with every codec (``none``, ``lz4``: blosc lz4 with bit shuffle, collect's choice;
+/ int8, each with every codec (``none``: collect's choice; ``lz4``: blosc lz4, no shuffle;
 ``zstd``: blosc zstd level 3, byte shuffle), each into its own temp cache, and reports the bytes
 of the activations (files under ``acts/``, and ``scales/`` for int8): the shard files alone
 (``data_bytes``, the basis of ``bytes_per_value``) and with each array's ``zarr.json``.

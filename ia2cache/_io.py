@@ -103,16 +103,15 @@ def _open_dirs(root: Path, parts: Sequence[str], create: bool, follow_root: bool
             raise refusal(root, file_kind(st.st_mode), "directory") from None
         exc.filename = exc.filename or str(root)
         raise
-    where = Path(root)
     try:
-        for name in parts:
-            where = where / name
+        for i, name in enumerate(parts):
             if create:
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(name, 0o777, dir_fd=fd)
             try:
                 nfd = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
             except OSError as exc:
+                where = Path(root).joinpath(*parts[: i + 1])  # built only for the message: it costs
                 if exc.errno in (errno.ENOTDIR, errno.ELOOP):
                     bad = _describe(fd, name, where, "directory")
                     if bad is not None:

@@ -31,10 +31,11 @@ import contextlib
 import importlib.metadata
 import inspect
 import logging
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cached_property
 from typing import Any
 
@@ -445,8 +446,8 @@ class CollectPlan:
     """Prompt tokens the teacher reads over all rows (the response tokens come on top)."""
     bytes_activations: int
     bytes_on_disk: int
-    """Every array at its stored dtype, uncompressed: an upper bound (blosc-zstd saves ~1.35x on
-    bf16 activations, ~1.1x on fp16/fp32)."""
+    """Every array at its stored dtype, uncompressed, as collect writes them (plus each chunk's
+    4-byte crc32c and each shard's index, well under 1%)."""
     bytes_needed: int
     """bytes_on_disk for the rows still to compute: what the store must have free."""
     free_bytes: int | None
@@ -469,14 +470,34 @@ def _free_bytes(store: Location) -> int | None:
     return location(store).free_bytes()
 
 
-def _row_bytes(specs: list[ArraySpec]) -> tuple[int, int]:
-    """(all arrays, activations only): bytes one row takes at the stored dtypes, uncompressed."""
-    total = acts = 0
+def _geometry(config: CollectConfig, n_rows: int, existing: Cache | None) -> tuple[int, int]:
+    """(rows per shard, rows per chunk): a resumed cache keeps its own; a shard never holds more
+    rows than the cache (whole chunks)."""
+    if existing is not None:
+        return existing.rows_per_shard, existing.rows_per_chunk
+    return min(config.shard_rows, -(-n_rows // config.chunk_rows) * config.chunk_rows), config.chunk_rows
+
+
+def _disk_bytes(specs: list[ArraySpec], rows: int, geometry: tuple[int, int]) -> int:
+    """Bytes ``rows`` rows take on disk as collect writes them (uncompressed): whole chunks (the
+    last one padded), each with its crc32c, and each shard's index (an entry per chunk slot, then
+    its crc32c); an upper bound but for metadata and the ledger."""
+    shard, chunk = geometry
+    row_chunks, shards = -(-rows // chunk), -(-rows // shard)
+    total = 0
     for spec in specs:
-        b = int(np.prod(spec.shape, dtype=np.int64)) * np.dtype(spec.dtype).itemsize
-        total += b
-        acts += b if spec.path.startswith("acts/") else 0
-    return total, acts
+        padded = int(np.prod(spec.shard_trailing, dtype=np.int64)) * np.dtype(spec.dtype).itemsize
+        trailing = zip(spec.shard_trailing, spec.chunk_trailing, strict=True)
+        per_row_chunk = math.prod(s // c for s, c in trailing)
+        total += row_chunks * (chunk * padded + per_row_chunk * layout.CHUNK_CRC_BYTES)
+        total += shards * (shard // chunk * per_row_chunk * layout.INDEX_ENTRY_BYTES + layout.CHUNK_CRC_BYTES)
+    return total
+
+
+def _act_bytes(specs: list[ArraySpec]) -> int:
+    """Bytes of activation values one row holds."""
+    return sum(int(np.prod(s.shape, dtype=np.int64)) * np.dtype(s.dtype).itemsize
+               for s in specs if s.path.startswith("acts/"))
 
 
 def _rows_to_compute(existing: Cache | None, n_rows: int) -> int:
@@ -511,7 +532,7 @@ def plan_collect(config: CollectConfig, loaded: Any | None = None) -> CollectPla
     existing = Cache.open(path) if (path / "zarr.json").exists() else None
     rows = len(plan.rows)
     todo = _rows_to_compute(existing, rows)
-    row_bytes, act_bytes = _row_bytes(plan.specs)
+    geometry = _geometry(config, rows, existing)
     probe_rows, probe_s, est = 0, None, None
     if config.probe and todo:
         loaded = loaded or load_model(config.model)
@@ -523,7 +544,9 @@ def plan_collect(config: CollectConfig, loaded: Any | None = None) -> CollectPla
         rows_to_compute=todo, position_slots=plan.position_slots, positions=rows * plan.position_slots,
         layers=len(plan.layers), hidden=plan.hidden, dtype=config.dtype,
         teacher_tokens=sum(len(p.teacher_ids) for p in plan.rows),
-        bytes_activations=rows * act_bytes, bytes_on_disk=rows * row_bytes, bytes_needed=todo * row_bytes,
+        bytes_activations=rows * _act_bytes(plan.specs),
+        bytes_on_disk=_disk_bytes(plan.specs, rows, geometry),
+        bytes_needed=_disk_bytes(plan.specs, todo, geometry),
         free_bytes=_free_bytes(store), probe_rows=probe_rows, probe_seconds=probe_s, estimated_seconds=est,
     )
 
@@ -951,20 +974,23 @@ def _open_for_writing(config: CollectConfig, plan: _Plan, existing: Cache | None
     store = config.store_path
     _check_store_writable(store)
     todo = _rows_to_compute(existing, len(plan.rows))
-    _check_room(store, todo * _row_bytes(plan.specs)[0], todo, config)
+    geometry = _geometry(config, len(plan.rows), existing)
+    _check_room(store, _disk_bytes(plan.specs, todo, geometry), todo, config)
     # A resumed cache keeps its geometry and its micro-batches (so a resumed shard is computed
-    # bit-identically); a shard never holds more rows than the cache (whole chunks).
-    wanted = min(config.shard_rows, -(-len(plan.rows) // config.chunk_rows) * config.chunk_rows)
-    rows_per_shard = existing.rows_per_shard if existing else wanted
-    rows_per_chunk = existing.rows_per_chunk if existing else config.chunk_rows
+    # bit-identically).
+    rows_per_shard, rows_per_chunk = geometry
     batch_size = existing.manifest["about"]["batch_size"] if existing else config.batch_size
     about = {"batch_size": batch_size, "model_spec": config.model, "task_spec": config.task,
              "eval_fraction": config.eval_fraction}
     manifest = {**plan.manifest, "about": about, "versions": _versions()}
     created: list[Cache] = []
 
+    # ... and its codecs (not part of the key: a cache written before a default changed resumes).
+    specs = [replace(s, codec=existing.specs[s.path].codec) if existing and s.path in existing.specs
+             else s for s in plan.specs]
+
     def create_and_lock() -> list[int]:
-        cache = Cache.create_or_open(store, plan.key, manifest, plan.specs, len(plan.rows),
+        cache = Cache.create_or_open(store, plan.key, manifest, specs, len(plan.rows),
                                      rows_per_shard, rows_per_chunk)
         held.enter_context(cache.lock())  # for the whole job (rank 0 only under torchrun)
         created.append(cache)

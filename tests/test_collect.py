@@ -382,3 +382,33 @@ def test_decode_stops_at_the_token_that_ends_the_response_and_bars_eos_first(loa
     first = teacher._greedy(logits, first=True)
     assert tok.eos_token_id not in first and first[1] == 3
     assert teacher._greedy(logits, first=False) == [tok.eos_token_id] * 2
+
+
+def test_a_cache_written_with_the_earlier_codecs_resumes_and_repairs_keeping_them(
+        env: dict[str, Any], loaded: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Caches written before every array went uncompressed (blosc-lz4 activations, blosc-zstd token
+    arrays) keep their codecs when collect resumes or repairs them: the codec is not in the key."""
+    import ia2cache.collect as collect_mod
+
+    now = collect_mod.cache_arrays
+
+    def earlier(**kw: Any) -> Any:
+        return [replace(s, codec="lz4" if s.path.startswith("acts/") else "zstd") for s in now(**kw)]
+
+    monkeypatch.setattr(collect_mod, "cache_arrays", earlier)
+    first = collect(_cfg(env, tmp_path / "store"), loaded)
+    monkeypatch.setattr(collect_mod, "cache_arrays", now)
+    path = Path(first.cache)
+    acts = next(p for p in Cache.open(path).specs if p.startswith("acts/"))
+    want = Cache.open(path).read(acts, 0, 8)
+    shard = path / acts / "c" / "0" / "0" / "0" / "0"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # damage: verify finds it, repair recomputes the shard
+    shard.write_bytes(bytes(data))
+    assert Cache.open(path).verify() != []
+    again = collect(_cfg(env, tmp_path / "store", repair=True), loaded)
+    cache = Cache.open(again.cache)
+    assert again.key == first.key and cache.status == "complete" and cache.verify() == []
+    assert {s.path: s.codec for s in cache.specs.values()} == {
+        p: ("lz4" if p.startswith("acts/") else "zstd") for p in cache.specs}
+    np.testing.assert_array_equal(cache.read(acts, 0, 8), want)  # recomputed bit for bit

@@ -73,8 +73,9 @@ def test_collect_refuses_a_store_without_room_before_creating_the_cache(
     assert not any(store.glob("*/zarr.json"))
     assert plan_collect(_cfg(env, store)).fits is False
     res = CliRunner().invoke(app, ["collect", "--model", env["model"], "--task", env["task"], "--n", "12",
-                                   "--k", "3", "--dev", "6", "--max-new-tokens", "2", "--store", str(store)])
-    assert res.exit_code == 2 and "free" in res.output
+                                   "--k", "3", "--dev", "6", "--max-new-tokens", "2", "--store", str(store),
+                                   "--batch-size", "4", "--shard-rows", "8", "--chunk-rows", "4"])
+    assert res.exit_code == 2 and "free" in res.output, res.output
     monkeypatch.setattr(collect_mod, "_free_bytes", lambda _store: need)
     assert collect(_cfg(env, store)).status == "complete"
 

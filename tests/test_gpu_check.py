@@ -114,7 +114,7 @@ def test_bundle_roots_are_the_run_time_dependencies() -> None:
 
     names = {Requirement(r).name for r in gpu_bundle.project_requirements()}
     assert {"nnsight", "zarr", "numcodecs", "peft", "safetensors"} <= names
-    assert gpu_bundle.EXTRA_ROOTS == ()  # google-crc32c (the crc32c codec) comes with zarr's closure
+    assert gpu_bundle.EXTRA_ROOTS == ()  # google-crc32c is declared (and in zarr's closure too)
     assert not names & set(gpu_bundle.SKIPPED)
     assert gpu_bundle.is_provided("torch") and gpu_bundle.is_provided("nvidia-cudnn-cu13")
     assert not gpu_bundle.is_provided("nnsight")

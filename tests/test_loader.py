@@ -248,9 +248,10 @@ def _recording(path: str) -> tuple[Cache, list[tuple[str, int, int, Any]]]:
         reads.append((p, a, b, layers))
         return orig(p, a, b, layers=layers)
 
-    def read_many(requests: list[tuple[str, int, int]], layers: Any = None) -> list[np.ndarray]:
+    def read_many(requests: list[tuple[str, int, int]], layers: Any = None,
+                  alloc: Any = np.empty) -> list[np.ndarray]:
         reads.extend((p, a, b, layers) for p, a, b in requests)
-        return orig_many(requests, layers=layers)
+        return orig_many(requests, layers=layers, alloc=alloc)
 
     c.read = read  # type: ignore[method-assign]
     c.read_many = read_many  # type: ignore[method-assign]
@@ -327,12 +328,13 @@ def test_reader_errors_reach_the_consumer(cache_path: str) -> None:
     orig = c.read_many
     calls = {"n": 0}
 
-    def flaky(requests: list[tuple[str, int, int]], layers: Any = None) -> list[np.ndarray]:
+    def flaky(requests: list[tuple[str, int, int]], layers: Any = None,
+              alloc: Any = np.empty) -> list[np.ndarray]:
         if any(p.startswith("acts/") for p, _, _ in requests):
             calls["n"] += 1
             if calls["n"] == 3:
                 raise OSError("disk on fire")
-        return orig(requests, layers=layers)
+        return orig(requests, layers=layers, alloc=alloc)
 
     c.read_many = flaky  # type: ignore[method-assign]
     with pytest.raises(OSError, match="disk on fire"):

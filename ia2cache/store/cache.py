@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,7 @@ import zarr.errors
 
 from ia2cache._faults import fault_point
 from ia2cache.errors import IA2Error
+from ia2cache.store.direct import ShardReader
 from ia2cache.store.layout import (
     FORMAT,
     LEDGER_DIR,
@@ -218,6 +219,7 @@ class Cache:
                                       mode="r+" if writable else "r", zarr_format=3)
         self._writable = writable
         self._arrays: dict[str, zarr.Array] = {}  # opened once: each open reads zarr.json
+        self._direct: dict[str, ShardReader | None] = {}  # per array: read without zarr's pipeline?
         self._ledger: dict[int, LedgerEntry] = {}
         self._layer_pos = {layer: i for i, layer in enumerate(manifest.layers)}
 
@@ -503,7 +505,7 @@ class Cache:
             self._group = zarr.open_group(store=self.location.zarr_store(read_only=False), mode="r+",
                                           zarr_format=3)
             self._writable = True
-            self._arrays = {}
+            self._arrays, self._direct = {}, {}
         return self._group
 
     def _writable_array(self, path: str) -> zarr.Array:
@@ -698,8 +700,9 @@ class Cache:
         return bool(self._layer_pos) and (spec.stats or spec.path in scales)
 
     def read(self, path: str, start: int, stop: int, layers: Sequence[int] | None = None) -> np.ndarray:
-        """Rows ``[start, stop)`` of the array at ``path``, in its stored dtype: one zarr read, whose
-        crc32c codec checks every chunk it touches.
+        """Rows ``[start, stop)`` of the array at ``path``, in its stored dtype: one read (by
+        :mod:`~ia2cache.store.direct` where it can, else zarr), which checks the crc32c of every
+        chunk it touches.
 
         Args:
             layers: for the activations (and their scales): the model layers to read, in this
@@ -714,39 +717,61 @@ class Cache:
                 does not match (damage: :meth:`verify` names it).
         """
         sel, take = self._selection(path, start, stop, layers)
-        out = np.asarray(self.array(path)[sel])
+        out = self._read_direct(path, sel)
+        if out is None:
+            out = np.asarray(self.array(path)[sel])
         return out if take is None else out[:, take]
 
-    def read_many(self, requests: Sequence[tuple[str, int, int]],
-                  layers: Sequence[int] | None = None) -> list[np.ndarray]:
-        """:meth:`read` of each ``(path, start, stop)``, all in one call on zarr's event loop.
+    def _read_direct(self, path: str, sel: tuple[slice, ...],
+                     alloc: Callable[..., np.ndarray] = np.empty) -> np.ndarray | None:
+        """``sel`` of ``path`` read by :mod:`~ia2cache.store.direct` (the same checks, several times
+        zarr's speed), or None when the array is not in the layout it reads (then zarr reads it)."""
+        if path not in self._direct:
+            self._direct[path] = ShardReader.of(self.array(path))
+        reader = self._direct[path]
+        if reader is None:
+            return None
+        return reader.read(sel, alloc)
+
+    def read_many(self, requests: Sequence[tuple[str, int, int]], layers: Sequence[int] | None = None,
+                  alloc: Callable[..., np.ndarray] = np.empty) -> list[np.ndarray]:
+        """:meth:`read` of each ``(path, start, stop)``: those :mod:`~ia2cache.store.direct` reads
+        (uncompressed arrays of a local cache: the activations), then the rest in one call on zarr's
+        event loop.
 
         zarr's cost per call (a hand-off to its event-loop thread and back, the codec pipeline's
         set-up) is paid once for all of them, and their chunks are fetched concurrently: a loader
         reading shuffled chunks of rows gets near the speed of one large read. Uses
         ``zarr.core.sync.sync``, zarr's own bridge from threads to its loop (zarr is pinned <3.2).
 
+        ``alloc(shape, dtype)`` gives the memory of the direct reads (the loader's pool of reused
+        buffers); zarr's reads allocate their own.
+
         Raises:
             as :meth:`read`: the first failure among the reads.
         """
         from zarr.core.sync import sync
 
-        plan = []
-        for path, start, stop in requests:
+        plan, done = [], {}
+        for i, (path, start, stop) in enumerate(requests):
             sel, take = self._selection(path, start, stop, layers)
-            plan.append((self.array(path).async_array, sel, take))
+            got = self._read_direct(path, sel, alloc)
+            if got is None:
+                plan.append((i, self.array(path).async_array, sel, take))
+            else:
+                done[i] = got if take is None else got[:, take]
 
         async def gather() -> list[Any]:
-            return await asyncio.gather(*(arr.getitem(sel) for arr, sel, _ in plan), return_exceptions=True)
+            reads = (arr.getitem(sel) for _, arr, sel, _ in plan)
+            return await asyncio.gather(*reads, return_exceptions=True)
 
-        results = sync(gather())
-        out = []
-        for (_, _, take), got in zip(plan, results, strict=True):
+        results = sync(gather()) if plan else []
+        for (i, _, _, take), got in zip(plan, results, strict=True):
             if isinstance(got, BaseException):
                 raise got
             a = np.asarray(got)
-            out.append(a if take is None else a[:, take])
-        return out
+            done[i] = a if take is None else a[:, take]
+        return [done[i] for i in range(len(requests))]
 
     def stats(self, path: str, layer: int | None = None) -> dict[str, float | int]:
         """Stats of the array at ``path`` (of one model ``layer`` of the activations) pooled over

@@ -14,8 +14,9 @@
 Every array is a zarr v3 array whose first dimension is the row; it is sharded along rows (one
 shard = one writer batch, written once) and chunked along rows (the unit of a read) and, for
 ``acts/<site>``, along layers (see :func:`act_chunk_layers`). Every chunk ends with zarr's
-``crc32c`` codec, so every read of every chunk is checked by zarr itself; the ledger's sha256 of
-each chunk is what ``verify`` checks on top.
+``crc32c`` codec, so every read of every chunk is checked (by zarr, or by
+:mod:`~ia2cache.store.direct`, which reads the uncompressed arrays of local caches); the ledger's
+sha256 of each chunk is what ``verify`` checks on top.
 
 Activation dtypes (``--dtype``, :data:`ACT_DTYPES`): bf16 is kept bit exact as uint16 (zarr has no
 bfloat16; the array attribute ``logical_dtype`` says so), fp16 and fp32 as themselves, and int8
@@ -81,11 +82,19 @@ EXAMPLE_INDEX, DEMO_INDEX, SPLIT = "rows/example_index", "rows/demo_index", "row
 TOPK_VALUES, TOPK_IDS = "logits/topk_values", "logits/topk_ids"
 
 CODECS = ("none", "lz4", "zstd")
-"""Compressors before the crc32c codec: none; blosc lz4 without shuffle (the activations: the
-fastest loader of the measured layouts, see the README's "Performance"); blosc zstd with byte
-shuffle (the small token arrays, read once per loader)."""
-ACT_CODEC = "lz4"
-"""The activations' codec (chosen from the layout measurements in the README)."""
+"""Compressors before the crc32c codec: none (every array ``collect`` writes); blosc lz4 without
+shuffle; blosc zstd with byte shuffle. Caches written with lz4 activations and zstd token arrays
+(format-2 caches before 2026-12-01) still read, through zarr."""
+ACT_CODEC = "none"
+"""The activations' codec, chosen from the layout measurements in the README's "Performance":
+activations barely compress (a real M=1024 cache: 1.01x its raw bytes with lz4), and without a
+compressor the loader reads them through :mod:`~ia2cache.store.direct` at several times zarr's
+speed. The token and row arrays are stored the same way: they are under 1% of a cache's bytes,
+and zarr's cost per chunk made reading them the larger part of opening a loader."""
+CHUNK_CRC_BYTES = 4
+"""What zarr's crc32c codec appends to every chunk (and to every shard index)."""
+INDEX_ENTRY_BYTES = 16
+"""A shard index's entry per chunk slot: offset and length, little-endian uint64 each."""
 ACT_CHUNK_BYTES = 1 << 20
 """Target size of one activation chunk (see :func:`act_chunk_layers`)."""
 
@@ -181,7 +190,7 @@ class ArraySpec:
     stats: bool = False
     """Keep per-shard stats (mean, std, max |x|, NaN and Inf counts) in the ledger, one set per
     index of the first trailing dimension (per layer, for activations)."""
-    codec: str = "zstd"
+    codec: str = "none"
     """Compressor before the crc32c codec: ``none``, ``lz4`` or ``zstd`` (see :data:`CODECS`)."""
     chunk: tuple[int, ...] | None = None
     """Trailing chunk shape; None: the whole trailing shape (chunks run along rows only)."""
@@ -313,7 +322,7 @@ def cache_arrays(*, site: str, n_layers: int, slots: int, hidden: int, dtype: st
     specs = [ArraySpec(act_path(site), (n_layers, slots, hidden), d.stored, d.logical, stats=True,
                        codec=ACT_CODEC, chunk=(lc, slots, hidden), scales=scales)]
     if scales:
-        specs.append(ArraySpec(scales, (n_layers, slots), "float32", codec="zstd", chunk=(lc, slots)))
+        specs.append(ArraySpec(scales, (n_layers, slots), "float32", chunk=(lc, slots)))
     specs += [
         ArraySpec(STUDENT_IDS, (student_len,), "int32"),
         ArraySpec(STUDENT_LEN, (), "int32"),

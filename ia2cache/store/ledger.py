@@ -7,10 +7,11 @@ of the activations (mean, std, max |x|, NaN and Inf counts: ``distill --normaliz
 the variance; NaN/Inf poison training), and for a lossy dtype the largest relative error of the
 stored values against the teacher's.
 
-Reads are checked twice over, at two prices: zarr's crc32c codec checks every chunk on every read
-(the loader relies on it, at ~10 GB/s), and :func:`check_chunk` compares a chunk's sha256 with
-the ledger (``verify``, ``collect --repair``, ``distill --skip-damaged``'s scan, and the loader when
-a read failed and it must name the damaged rows). sha256 also catches what a crc cannot: a whole
+Reads are checked twice over, at two prices: every chunk's crc32c on every read (zarr's codec,
+or :mod:`~ia2cache.store.direct` checking the same bytes; the loader relies on it, ~10 GB/s),
+and :func:`check_chunk` compares a chunk's sha256 with the ledger (``verify``, ``collect
+--repair``, ``distill --skip-damaged``'s scan, and the loader when a read failed and it must name
+the damaged rows). sha256 also catches what a crc cannot: a whole
 shard file swapped for another cache's.
 """
 
@@ -37,7 +38,8 @@ DAMAGE_ERRORS: tuple[type[BaseException], ...] = (
     IA2Error, ValueError, RuntimeError, EOFError, zlib.error, lzma.LZMAError,
 )
 """What reading damaged bytes raises: ia2cache's refusals (a FIFO or a missing shard file), zarr
-(a crc32c mismatch and undecodable metadata are ValueErrors), the codecs (blosc: RuntimeError).
+and :mod:`~ia2cache.store.direct` (a crc32c mismatch, a damaged shard index and undecodable
+metadata are ValueErrors), the codecs (blosc: RuntimeError).
 An ``OSError`` is the file system failing, not damage; anything else is a bug."""
 
 
@@ -241,7 +243,7 @@ def check_chunk(read: Callable[[], np.ndarray], want: str | None) -> ChunkCheck:
     """Read one chunk of rows of one array and say whether it is intact.
 
     Args:
-        read: reads the chunk's rows (a zarr read: its crc32c codec checks the bytes).
+        read: reads the chunk's rows (a store read, which checks the chunk's crc32c).
         want: the chunk's sha256 from the ledger, to compare with; None: the read alone decides.
 
     Raises:

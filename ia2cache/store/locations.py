@@ -89,6 +89,10 @@ _CHUNK_KEY = re.compile(r"(?:^|.*/)c/\d+(?:/\d+)*")
 class MissingShardError(IA2Error):
     """A shard file that must exist does not (deleted, or never written): damage, not zeros."""
 
+    @classmethod
+    def of(cls, key: str) -> MissingShardError:
+        return cls(f"shard file {key} is missing (deleted?)")
+
 
 def is_remote_failure(exc: BaseException) -> bool:
     """True for an error raised by a remote-storage client library (credentials, endpoint,
@@ -840,6 +844,21 @@ class _SafeLocalStore(LocalStore):
                 os.close(self._files.popitem(last=False)[1])
         return fd, False
 
+    def open_shard_file(self, key: str) -> int:
+        """A new fd of the shard file ``key`` for :mod:`~ia2cache.store.direct`, which the caller
+        closes, opened as every read here: through no link, a regular file only.
+
+        Raises:
+            MissingShardError: the file is missing and the store is read-only (a reader never
+                wants zeros in its place); FileNotFoundError: missing from a writable store.
+        """
+        try:
+            return open_beneath(self.root, self.root / key, os.O_RDONLY, follow_root=False)
+        except FileNotFoundError:
+            if self.read_only:
+                raise MissingShardError.of(key) from None
+            raise
+
     def _check_write(self, key: str) -> None:
         ident = _dir_identity(self.root)  # refuses a link or special file at the cache folder
         if self._identity is None:
@@ -856,7 +875,7 @@ class _SafeLocalStore(LocalStore):
             fd, close = self._fd(key)
         except FileNotFoundError:
             if self.read_only and _CHUNK_KEY.fullmatch(key):
-                raise MissingShardError(f"shard file {key} is missing (deleted?)") from None
+                raise MissingShardError.of(key) from None
             return None  # metadata: as zarr's, absent
         try:
             size = os.fstat(fd).st_size
@@ -902,7 +921,7 @@ class _StrictStore(WrapperStore[Any]):
                   byte_range: ByteRequest | None = None) -> Buffer | None:
         got = await self._store.get(key, prototype or default_buffer_prototype(), byte_range)
         if got is None and _CHUNK_KEY.fullmatch(key):
-            raise MissingShardError(f"shard file {key} is missing (deleted?)")
+            raise MissingShardError.of(key)
         return got
 
     async def get_partial_values(self, prototype: BufferPrototype,
