@@ -1,21 +1,10 @@
 #!/usr/bin/env bash
 # The sweep that replaces README "Results" (issue 13's protocol), resumable: rerun it after an
 # interruption and finished cells are skipped, failed ones retried. It runs a frozen copy of the
-# code (sweeps/code: `git archive` of $COMMIT, default the commit that started it, recorded in
-# sweeps/code/COMMIT), so that later edits of the working tree never change a run in flight.
-# About 25-30 hours on 2 CPU cores (WORKERS=2); results in sweeps/final*/, then `ia2cache report`.
+# code (sweeps/code, see _frozen.sh), so that later edits of the working tree never change a run
+# in flight. About 25-30 hours on 2 CPU cores (WORKERS=2); results in sweeps/final*/, then `ia2cache report`.
 set -u
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-S=${SWEEPS:-$ROOT/sweeps}
-mkdir -p "$S"
-if [ ! -f "$S/code/COMMIT" ]; then
-  mkdir -p "$S/code"
-  (cd "$ROOT" && git archive "${COMMIT:-HEAD}" ia2cache cli) | tar -x -C "$S/code"
-  (cd "$ROOT" && git rev-parse "${COMMIT:-HEAD}") > "$S/code/COMMIT"
-fi
-cd "$S"
-export PYTHONPATH="$S/code" OMP_NUM_THREADS=1 IA2CACHE_HOME="$S/home"
-IA2=("${PYTHON:-$ROOT/.venv/bin/python}" -m cli)
+source "$(dirname "$0")/_frozen.sh" code
 COMMON=(--n 4,8,16 --seeds 0-4 --methods tok,act,a2t,tna,tok_icl --workers "${WORKERS:-2}" --store store2 --runs runs2)
 for t in antonyms first_letter sentiment_remap capitals; do
   echo "=== final $t $(date)"

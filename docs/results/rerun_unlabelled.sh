@@ -3,20 +3,10 @@
 # M = 0, 64, 256, 1024 unlabelled queries, 5 seeds, the protocol of docs/results/rerun.sh (its
 # defaults, lr search "descend"). Same store and runs folder as rerun.sh, so M = 0 cells that the
 # main run already trained are reused, not retrained. Resumable like rerun.sh, from its own frozen
-# copy of the code (sweeps/code18, `git archive` of $COMMIT, default the commit that started it).
+# copy of the code (sweeps/code18, see _frozen.sh).
 # Start it after rerun.sh has finished (both use both cores): about 15-20 hours on 2 CPU cores.
 set -u
-ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-S=${SWEEPS:-$ROOT/sweeps}
-mkdir -p "$S"
-if [ ! -f "$S/code18/COMMIT" ]; then
-  mkdir -p "$S/code18"
-  (cd "$ROOT" && git archive "${COMMIT:-HEAD}" ia2cache cli) | tar -x -C "$S/code18"
-  (cd "$ROOT" && git rev-parse "${COMMIT:-HEAD}") > "$S/code18/COMMIT"
-fi
-cd "$S"
-export PYTHONPATH="$S/code18" OMP_NUM_THREADS=1 IA2CACHE_HOME="$S/home"
-IA2=("${PYTHON:-$ROOT/.venv/bin/python}" -m cli)
+source "$(dirname "$0")/_frozen.sh" code18
 for t in antonyms first_letter sentiment_remap; do
   echo "=== unlabelled $t $(date)"
   "${IA2[@]}" sweep --task "$t" --n 4,8 --unlabelled 0,64,256,1024 --seeds 0-4 --methods tok,act,a2t \
