@@ -7,10 +7,9 @@ cache has them.
 
 How rows are ordered (a pure function of seed, epoch and chunking; :meth:`CacheLoader.order`):
 the split's rows are grouped by the cache's chunks. With ``shuffle``, epoch ``e`` permutes the
-chunks with ``np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, e])))`` and
-streams their rows through a shuffle buffer (fill it; then each incoming row takes a uniformly
-chosen slot whose old row is emitted; at the end the buffer drains in random order), all with
-that one generator. Batches are consecutive slices of that order.
+chunks with ``np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, e])))``,
+concatenates their rows, and permutes each consecutive window of ``shuffle_buffer`` rows with
+that same generator (a block shuffle). Batches are consecutive slices of that order.
 
 How data is read: never the whole store. A daemon thread reads chunk by chunk, in the order
 the remaining batches first need them, ``prefetch`` chunks at a time
@@ -19,25 +18,24 @@ the remaining batches first need them, ``prefetch`` chunks at a time
 checked. Uncompressed arrays of a local cache (what collect writes) are read by
 :mod:`~ia2cache.store.direct` straight into buffers that the assembler hands back once their rows
 are emitted (:class:`_Pool`: fresh memory costs more than the read here); others go through zarr.
-The small ``tokens/`` arrays are read once per loader, for the split only. A read that fails is
-narrowed to the chunk, and the damage is named by array and rows (or, with ``skip_damaged``, its
-rows were left out up front).
+The small ``tokens/`` arrays are read once per loader, for the split only (while the reader
+thread reads the first chunks). A read that fails is narrowed to the chunk, and the damage is
+named by array and rows (or, with ``skip_damaged``, its rows were left out up front).
 
 What a batch holds: activations in the *stored* dtype (bf16 stays bf16; int8 comes with its
 scales in :attr:`Batch.act_scales`), so that a GPU receives half the bytes (or a quarter) and
 the conversion to float happens on the device (:meth:`Batch.activations`). With CUDA present the
 batches are gathered into pinned memory, so that ``.to(device, non_blocking=True)`` overlaps.
 
-Memory: the assembler keeps decoded chunks until all their rows of the epoch are emitted. A
-row can sit in the shuffle buffer for long, so when the rows held exceed
-``batch_size + shuffle_buffer + rows_per_chunk``, every block whose rows are at least half
-emitted has its remaining rows copied into one compact block and is dropped; every block then
-holds at most twice its pending rows, and the rows held decoded stay below
-``2 * (batch_size + shuffle_buffer + rows_per_chunk)`` (:attr:`CacheLoader.max_rows_held`), on top
-of at most ``2 * prefetch`` chunks in flight (a group being read, and the queue) and
-``2 * prefetch + 2`` spent chunks' buffers kept for the reader to reuse. Each row is
-copied at most about once more this way, and only when memory asks for it. A batch is one
-``torch.stack`` of its rows: one copy.
+Memory: the assembler keeps decoded units (the chunk, or ``read_rows``) until all their rows of
+the epoch are emitted. A row moves less than a window from its place in the unit stream, so the
+units held while batch ``k`` is gathered are those with rows within a window of its rows: at most
+``batch_size + 2 * (shuffle_buffer + rows_per_unit)`` rows (:attr:`CacheLoader.max_rows_held`),
+on top of at most ``2 * prefetch`` units in flight (a group being read, and the queue),
+``2 * prefetch + 2`` spent units' buffers kept for the reader to reuse, and up to 4 batch buffers
+per array (:class:`_BatchMemory`). A batch is one ``torch.stack`` of its rows, its one copy after
+the read (beside a conversion asked by ``dtype``, and the pending rows picked from a unit that
+holds rows of another rank, or rows a resume skips).
 
 Launch: ``for batch in CacheLoader("<store>/<key>", LoaderConfig(batch_size=4)): ...``
 """
@@ -87,6 +85,9 @@ _TOKENS = (
     layout.POSITIONS_LEN,
 )
 _TOPK = (layout.TOPK_VALUES, layout.TOPK_IDS)
+ORDER = "block-shuffle"
+"""The row order a loader's state was saved with (module docstring); states from before it, with
+no ``order``, used a shuffle buffer."""
 _JOIN_SECONDS = 30.0
 _BUFFER = "_buffer"
 """Key of a read unit's pooled activation array, beside its decoded tensors (reader -> assembler)."""
@@ -104,11 +105,14 @@ class LoaderConfig:
     layers: tuple[int, ...] | None = None
     """Layers to load, a subset of the cache's; None: all stored; (): none (token objectives)."""
     seed: int = 0
-    """Seed of the row order (chunk permutation + shuffle buffer), per epoch."""
+    """Seed of the row order (chunk permutation + shuffle within windows), per epoch."""
     shuffle: bool = True
     """Shuffle the rows each epoch; False: row order (dev loaders)."""
     shuffle_buffer: int = 64
-    """Rows in the shuffle buffer; more mixes better and holds more rows in memory."""
+    """Rows shuffled together: after the chunks are permuted, each consecutive window of this many
+    rows is permuted. More mixes better and holds more rows in memory (about two windows). A
+    window no larger than a batch that divides it leaves which rows meet in a batch to the chunk
+    permutation alone (only their order within the batch changes)."""
     prefetch: int = 4
     """Chunks the background thread reads ahead, in one call (:meth:`Cache.read_many`: direct reads,
     or one concurrent zarr call whose fixed cost, ~1 ms, is then paid once for all of them)."""
@@ -124,8 +128,8 @@ class LoaderConfig:
     few-shot cache does), so later epochs read nothing from disk; 0 always streams."""
     read_rows: int | None = None
     """Rows read per unit and permuted as one unit; None: the cache's chunk. A multiple of the
-    chunk, e.g. the shard, makes fewer, larger reads at the price of coarser shuffling (the
-    shuffle buffer still mixes rows within its window)."""
+    chunk, e.g. the shard, makes fewer, larger reads at the price of coarser shuffling (rows
+    still mix within each ``shuffle_buffer`` window)."""
     rank: int = 0
     """Data-parallel rank (torchrun): each batch holds only this rank's share of the global batch."""
     world_size: int = 1
@@ -243,27 +247,28 @@ def _rng(seed: int, epoch: int) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, epoch])))
 
 
-def _shuffle_rows(chunks: list[tuple[int, int]], buffer: int, rng: np.random.Generator) -> np.ndarray:
-    """Permute the chunks, then stream their rows through a shuffle buffer of ``buffer`` rows."""
+def _shuffle_rows(chunks: list[tuple[int, int]], window: int, rng: np.random.Generator) -> np.ndarray:
+    """Permute the chunks, then permute each consecutive run of ``window`` rows of their stream.
+
+    A block shuffle (as FFCV's quasi-random order): a row moves only within its window, so the
+    loader holds only the chunks of the windows one batch touches, and copies a row once, into
+    its batch. (A shuffle buffer, which this replaced, let a row linger for long: its chunk stayed
+    in memory or was compacted, a second copy of about a third of the bytes.)"""
     perm = rng.permutation(len(chunks))
     stream = np.concatenate([np.arange(*chunks[i], dtype=np.int64) for i in perm])
-    n = len(stream)
-    b = min(buffer, n)
-    out = np.empty(n, dtype=np.int64)
-    buf = stream[:b].copy()
-    slots = rng.integers(0, b, size=n - b)
-    for i, j in enumerate(slots.tolist()):
-        out[i] = buf[j]
-        buf[j] = stream[b + i]
-    out[n - b :] = buf[rng.permutation(b)]
-    return out
+    if window == 1:  # (a permutation of one row draws nothing from rng)
+        return stream
+    for s in range(0, len(stream), window):
+        run = stream[s : s + window]
+        stream[s : s + window] = run[rng.permutation(len(run))]
+    return stream
 
 
 # ----------------------------------------------------------------------------- assembly
 
 
 class _Block:
-    """Decoded rows held in memory: a chunk as read, or the pending rows of several."""
+    """Decoded rows held in memory: a unit as read (or its rows still pending)."""
 
     __slots__ = ("buffer", "data", "live", "rows")
 
@@ -308,15 +313,50 @@ class _Pool:
                 self._held += 1
 
 
+class _BatchMemory:
+    """Memory of the batches' stacked arrays, reused once no batch made from it is alive.
+
+    A fresh 9 MB batch costs a page fault every 4 KB: stacking a shuffled GB into new tensors took
+    0.45 s here, into reused ones 0.25 s. torch sees each buffer through ``torch.from_numpy`` of a
+    fresh NumPy view of it, which torch's storage keeps alive for as long as any tensor (a batch's
+    array, a view of one layer, a NumPy view of those) uses it; the pool holds only a weak
+    reference to that view, so a buffer is free exactly when its view is gone. A batch the caller
+    keeps keeps its buffer: the pool then allocates anew, keeping up to ``most`` buffers a shape.
+    Used by the consumer's thread only."""
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self._bufs: dict[tuple[tuple[int, ...], torch.dtype],
+                         list[tuple[np.ndarray, weakref.ref[np.ndarray]]]] = {}
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of ``shape`` and ``dtype`` (one of :data:`_NUMPY_SAME`) that nothing else uses."""
+        bufs = self._bufs.setdefault((shape, dtype), [])
+        free = [i for i, (_, seen) in enumerate(bufs) if seen() is None]
+        buf = bufs[free[0]][0] if free else np.empty(shape, dtype=_NUMPY_SAME[dtype])
+        view = buf.view()
+        if free:
+            bufs[free[0]] = (buf, weakref.ref(view))
+        elif len(bufs) < self.most:
+            bufs.append((buf, weakref.ref(view)))
+        t = torch.from_numpy(view)
+        return t if t.dtype == dtype else t.view(dtype)
+
+
+_NUMPY_SAME = {torch.bfloat16: np.uint16, torch.float16: np.float16, torch.float32: np.float32,
+               torch.int8: np.int8, torch.int64: np.int64, torch.int32: np.int32}
+"""NumPy dtypes of the same item size as the torch dtypes a batch stacks (bf16: as uint16 bits)."""
+
+
 class _Assembler:
-    """Holds decoded blocks, gathers batches from them, and drops or compacts spent ones."""
+    """Holds decoded blocks, gathers batches from them, and drops spent ones."""
 
     def __init__(self, start: int, pending: np.ndarray, pin: bool = False, pool: _Pool | None = None,
-                 compact_above: int = 0) -> None:
+                 batches: _BatchMemory | None = None) -> None:
         self.start = start
         self.pin = pin
         self.pool = pool
-        self.compact_above = compact_above  # rows held above which half-spent blocks are compacted
+        self.batches = batches
         self.pending = pending  # over the split's rows: still to be emitted this epoch
         self.block_of = np.full(len(pending), -1, dtype=np.int64)
         self.local_of = np.zeros(len(pending), dtype=np.int64)
@@ -370,34 +410,22 @@ class _Assembler:
 
     def _stack(self, parts: list[torch.Tensor]) -> torch.Tensor:
         """``parts`` stacked along a new first axis, into pinned memory when asked."""
-        if not self.pin:
+        if self.pin:  # torch's pinned allocator caches blocks, and knows of copies in flight
+            out = torch.empty((len(parts), *parts[0].shape), dtype=parts[0].dtype, pin_memory=True)
+        elif self.batches is not None and parts[0].dtype in _NUMPY_SAME:
+            out = self.batches.take((len(parts), *parts[0].shape), parts[0].dtype)
+        else:
             return torch.stack(parts)
-        out = torch.empty((len(parts), *parts[0].shape), dtype=parts[0].dtype, pin_memory=True)
         return torch.stack(parts, out=out)
 
     def _release(self, touched: list[int]) -> None:
-        """Drop spent blocks; when more than ``compact_above`` rows are held, merge the pending rows
-        of every half-spent block into one new block (then each block holds under twice its
-        pending rows: the memory bound of the module docstring, with fewer copies than compacting
-        each block as soon as it is half spent)."""
+        """Drop the spent blocks among ``touched``, handing their buffers back to the pool."""
         for b in touched:
             blk = self.blocks[b]
             if blk.live == 0:
                 del self.blocks[b]
                 self.rows_held -= len(blk.rows)
                 self._recycle(blk.buffer)
-        if self.rows_held <= self.compact_above:
-            return
-        merge = [self.blocks.pop(b) for b, blk in list(self.blocks.items()) if 2 * blk.live <= len(blk.rows)]
-        self.rows_held -= sum(len(blk.rows) for blk in merge)
-        if not merge:
-            return
-        keep = [(blk, np.flatnonzero(self.pending[blk.rows - self.start]).tolist()) for blk in merge]
-        rows = np.concatenate([blk.rows[i] for blk, i in keep])
-        data = {k: torch.stack([blk.data[k][j] for blk, i in keep for j in i]) for k in merge[0].data}
-        for blk in merge:
-            self._recycle(blk.buffer)
-        self._new_block(rows, data, None)
 
 
 class _Failure:
@@ -524,6 +552,7 @@ class CacheLoader:
         self._check_shares()  # after the scan: skipped rows leave every epoch's order
         self._pin = torch.cuda.is_available() if config.pin_memory is None else config.pin_memory
         self._pool = _Pool(2 * config.prefetch + 2)
+        self._batches = _BatchMemory(4)
         self.epoch = 0
         self.position = 0
         self._tokens: dict[str, torch.Tensor] | None = None
@@ -671,9 +700,10 @@ class CacheLoader:
             raise ValueError(f"epoch {epoch} must be >= 0")
         self.epoch, self.position = int(epoch), 0
 
-    def state_dict(self) -> dict[str, int]:
-        """``{"epoch", "position" (batches already yielded this epoch), "seed"}``."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.config.seed}
+    def state_dict(self) -> dict[str, int | str]:
+        """``{"epoch", "position" (batches already yielded this epoch), "seed", "order"}``
+        (``order``: which row order, :data:`ORDER`)."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.config.seed, "order": ORDER}
 
     def load_state_dict(self, state: dict) -> None:
         """Resume where :meth:`state_dict` was taken: the next iteration yields the batch after.
@@ -685,6 +715,13 @@ class CacheLoader:
         if seed != self.config.seed:
             raise IA2Error(
                 f"--seed {self.config.seed}: the loader state to resume was saved with seed {seed}"
+            )
+        order = state.get("order", "shuffle-buffer")
+        if position and order != ORDER:  # at an epoch's start, the order to come is this one's
+            raise IA2Error(
+                f"the loader state to resume was saved mid-epoch (batch {position}) by a loader with "
+                f"another row order ({order!r}, this one: {ORDER!r}): its next rows cannot be found; "
+                f"resume from a checkpoint at an epoch boundary, or start again"
             )
         if epoch < 0 or not 0 <= position <= len(self):
             raise IA2Error(f"loader state {state} is out of range (0..{len(self)} batches per epoch)")
@@ -851,10 +888,6 @@ class CacheLoader:
         self.epoch, self.position = epoch + 1, 0
 
     def _epoch(self, epoch: int, start: int, n_batches: int, bs: int) -> Iterator[Batch]:
-        if self._tokens is None:
-            t0 = time.perf_counter()
-            self._tokens = self._read_tokens()
-            self.wait_seconds += time.perf_counter() - t0
         order = self._order(epoch)
         rk, w = self.config.rank, self.config.world_size
         # Batch k is order[k*bs:(k+1)*bs] as in one process; this rank keeps its rows r, r+W, ...
@@ -881,10 +914,13 @@ class CacheLoader:
             daemon=True,
         )
         thread.start()
-        asm = _Assembler(r.start, pending, self._pin, self._pool,
-                         compact_above=bs + self.config.shuffle_buffer + self._unit)
+        asm = _Assembler(r.start, pending, self._pin, self._pool, self._batches)
         loaded = 0
         try:
+            if self._tokens is None:  # while the reader thread reads the first chunks
+                t0 = time.perf_counter()
+                self._tokens = self._read_tokens()
+                self.wait_seconds += time.perf_counter() - t0
             for k in range(start, n_batches):
                 while loaded < len(chunks) and need_at[loaded] <= k:
                     a, b, data = self._get(q, thread)

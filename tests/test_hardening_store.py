@@ -662,3 +662,33 @@ def test_the_loader_points_at_repair(clean: Path, tmp_path: Path) -> None:
     with pytest.raises(IA2Error, match="--repair"):
         _read_everything(cache)
 
+
+
+@pytest.mark.parametrize("parts", [[], [""], ["a", ".."], ["..", "f"], ["a", "."], ["a/b"], ["a", "f\0"]])
+def test_open_parts_beneath_refuses_names_not_below_the_root(tmp_path: Path, parts: list[str]) -> None:
+    from ia2cache._io import open_parts_beneath
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "f").write_bytes(b"x")
+    with pytest.raises(ValueError, match="not the names of a file below"):
+        open_parts_beneath(tmp_path, parts, os.O_RDONLY)
+
+
+def test_open_parts_beneath_follows_no_link_and_opens_regular_files_only(tmp_path: Path) -> None:
+    from ia2cache._io import open_parts_beneath
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "f").write_bytes(b"x")
+    fd = open_parts_beneath(tmp_path, ["a", "f"], os.O_RDONLY)
+    try:
+        assert os.read(fd, 1) == b"x"
+    finally:
+        os.close(fd)
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    (tmp_path / "a" / "lf").symlink_to(tmp_path / "a" / "f")
+    os.mkfifo(tmp_path / "a" / "fifo")
+    for parts in (["link", "f"], ["a", "lf"], ["a", "fifo"]):
+        with pytest.raises(IA2Error):
+            open_parts_beneath(tmp_path, parts, os.O_RDONLY)
+    with pytest.raises(FileNotFoundError):
+        open_parts_beneath(tmp_path, ["a", "missing"], os.O_RDONLY)

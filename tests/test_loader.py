@@ -15,7 +15,7 @@ import torch
 
 from ia2cache.collect import CollectConfig, collect
 from ia2cache.errors import IA2Error
-from ia2cache.loader import Batch, CacheLoader, LoaderConfig
+from ia2cache.loader import ORDER, Batch, CacheLoader, LoaderConfig
 from ia2cache.models import ModelInfo, load_model
 from ia2cache.store import Cache, decode_activations
 from tests.conftest import write_task
@@ -159,14 +159,14 @@ def test_order_is_seeded_deterministic_and_a_permutation(cache_path: str) -> Non
         _assert_same(ba, bb)
         assert _rows(ba) == a.order(epoch)
         assert sorted(_rows(ba)) == list(range(30))
-        assert a.state_dict() == {"epoch": epoch + 1, "position": 0, "seed": 3}
+        assert a.state_dict() == {"epoch": epoch + 1, "position": 0, "seed": 3, "order": ORDER}
     assert a.order(0) != a.order(1)
     other = _loader(cache_path, seed=4)
     assert other.order(0) != a.order(0) and sorted(other.order(0)) == list(range(30))
 
 
 def test_order_follows_the_seeded_chunk_permutation(cache_path: str) -> None:
-    """With a one-row buffer, rows leave in stream order: the chunks as the spec permutes them."""
+    """With a one-row window, rows leave in stream order: the chunks as the spec permutes them."""
     c, reads = _recording(cache_path)
     loader = _loader(c, shuffle_buffer=1, seed=5)
     chunks = [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20), (20, 24), (24, 28), (28, 30)]
@@ -174,10 +174,27 @@ def test_order_follows_the_seeded_chunk_permutation(cache_path: str) -> None:
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([5, epoch])))
         want = [r for i in rng.permutation(len(chunks)) for r in range(*chunks[i])]
         assert loader.order(epoch) == want
-    # A buffer as large as the split is a full shuffle: rows of one chunk spread out.
+    # A window as large as the split is a full shuffle: rows of one chunk spread out.
     big = _loader(c, shuffle_buffer=30, seed=5).order(0)
     assert sorted(big) == list(range(30)) and big != loader.order(0)
     assert reads == []  # the order is computed without reading data
+
+
+@pytest.mark.parametrize("window", [3, 8, 11])
+def test_order_permutes_each_window_of_the_chunk_stream(cache_path: str, window: int) -> None:
+    """The spec of the module docstring: each consecutive run of ``shuffle_buffer`` rows of the
+    permuted chunk stream is permuted in place, with the same generator, window after window."""
+    chunks = [(0, 4), (4, 8), (8, 12), (12, 16), (16, 20), (20, 24), (24, 28), (28, 30)]
+    got = _loader(cache_path, shuffle_buffer=window, seed=2).order(1)
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([2, 1])))
+    stream = [r for i in rng.permutation(len(chunks)) for r in range(*chunks[i])]
+    want = []
+    for s in range(0, 30, window):
+        run = stream[s : s + window]
+        want += [run[j] for j in rng.permutation(len(run))]
+    assert got == want
+    for s in range(0, 30, window):  # a row never leaves its window
+        assert sorted(got[s : s + window]) == sorted(stream[s : s + window])
 
 
 # ----------------------------------------------------------------------------- resume
@@ -189,7 +206,7 @@ def test_mid_epoch_resume_is_exact(cache_path: str) -> None:
     it = iter(first)
     head = [next(it), next(it)]
     state = first.state_dict()
-    assert state == {"epoch": 0, "position": 2, "seed": 1}
+    assert state == {"epoch": 0, "position": 2, "seed": 1, "order": ORDER}
     it.close()
     assert first.state_dict() == state  # abandoning the iterator keeps the position
     resumed = _loader(cache_path, seed=1)
@@ -199,7 +216,7 @@ def test_mid_epoch_resume_is_exact(cache_path: str) -> None:
     # Chunks whose rows were all consumed by the first 2 batches are not read again.
     rest = resumed.order(0)[6:]
     assert resumed.chunks_read == len({r // 4 for r in rest})
-    assert resumed.state_dict() == {"epoch": 1, "position": 0, "seed": 1}
+    assert resumed.state_dict() == {"epoch": 1, "position": 0, "seed": 1, "order": ORDER}
 
 
 def test_resume_across_the_epoch_boundary(cache_path: str) -> None:
@@ -209,19 +226,20 @@ def test_resume_across_the_epoch_boundary(cache_path: str) -> None:
     states = []
     for _ in run:
         states.append(run.state_dict())
-    assert states[-1] == {"epoch": 0, "position": len(run), "seed": 2}  # saved inside the loop
+    # saved inside the loop
+    assert states[-1] == {"epoch": 0, "position": len(run), "seed": 2, "order": ORDER}
     it = iter(run)
     got = [next(it) for _ in range(3)]
     state = run.state_dict()
     it.close()
-    assert state == {"epoch": 1, "position": 3, "seed": 2}
+    assert state == {"epoch": 1, "position": 3, "seed": 2, "order": ORDER}
     later = _loader(cache_path, seed=2)
     later.load_state_dict(state)
     _assert_same(got + list(later), ref1)
     # A state saved after the last batch, before the loop ended: the epoch has nothing left.
     end = _loader(cache_path, seed=2)
     end.load_state_dict(states[-1])
-    assert list(end) == [] and end.state_dict() == {"epoch": 1, "position": 0, "seed": 2}
+    assert list(end) == [] and end.state_dict() == {"epoch": 1, "position": 0, "seed": 2, "order": ORDER}
     _assert_same(list(end), ref1)
     end.set_epoch(0)
     _assert_same(list(end), ref0)
@@ -230,9 +248,19 @@ def test_resume_across_the_epoch_boundary(cache_path: str) -> None:
 def test_load_state_refuses_another_seed_or_range(cache_path: str) -> None:
     loader = _loader(cache_path, seed=0)
     with pytest.raises(IA2Error, match="--seed 0.*seed 9"):
-        loader.load_state_dict({"epoch": 0, "position": 1, "seed": 9})
+        loader.load_state_dict({"epoch": 0, "position": 1, "seed": 9, "order": ORDER})
     with pytest.raises(IA2Error, match="out of range"):
-        loader.load_state_dict({"epoch": 0, "position": len(loader) + 1, "seed": 0})
+        loader.load_state_dict({"epoch": 0, "position": len(loader) + 1, "seed": 0, "order": ORDER})
+
+
+def test_load_state_refuses_a_mid_epoch_state_of_another_order(cache_path: str) -> None:
+    """A state saved mid-epoch by a loader of the earlier row order (no "order": a shuffle
+    buffer) cannot say which rows come next: refused. At an epoch's start it resumes."""
+    loader = _loader(cache_path, seed=0)
+    with pytest.raises(IA2Error, match="another row order.*'shuffle-buffer'.*epoch boundary"):
+        loader.load_state_dict({"epoch": 0, "position": 1, "seed": 0})
+    loader.load_state_dict({"epoch": 2, "position": 0, "seed": 0})
+    assert loader.state_dict() == {"epoch": 2, "position": 0, "seed": 0, "order": ORDER}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -397,9 +425,38 @@ def test_bad_config_refused(kw: dict[str, Any], needle: str) -> None:
 # ----------------------------------------------------------------------------- memory, thread
 
 
+def test_batch_memory_is_reused_only_once_no_batch_holds_it(tmp_path: Path) -> None:
+    """Batches are stacked into reused memory, but never into one a caller still holds: kept
+    batches (or one layer's view of one) keep their values while the epoch goes on."""
+    c = _synthetic(tmp_path, 64, 0, 4)
+    cfg = LoaderConfig(batch_size=4, shuffle_buffer=8, seed=1, keep_in_memory_mb=0, pin_memory=False)
+    kept = list(CacheLoader(c, cfg))  # every batch held: none may share memory with another
+    assert len({b.acts[5].data_ptr() for b in kept}) == len(kept) == 16
+    for b in kept:
+        assert torch.equal(b.acts[5].float(), b.rows.float()[:, None, None].expand(-1, 2, 3))
+    loader = CacheLoader(c, cfg)
+    ptrs: set[int] = set()
+    views: list[tuple[Any, torch.Tensor]] = []
+    for i, b in enumerate(loader):  # each batch dropped at the next: its memory comes back
+        ptrs.add(b.acts[5].data_ptr())
+        assert torch.equal(b.acts[5].float(), b.rows.float()[:, None, None].expand(-1, 2, 3))
+        if i == 2:  # a view of one layer outlives its batch
+            views.append((b.acts[5][1:], b.rows[1:].clone()))
+        if i == 5:  # and so does a NumPy view of it, or the same batch "moved" to the CPU
+            views.append((b.acts[5].view(torch.int16).numpy(), b.rows.clone()))
+            views.append((b.to("cpu").acts[5], b.rows.clone()))
+    assert len(ptrs) < 16  # reused
+    assert len(views) == 3
+    for got, rows in views:
+        want = rows.float()[:, None, None].expand(-1, 2, 3)
+        if isinstance(got, np.ndarray):
+            got = torch.from_numpy(got).view(torch.bfloat16)
+        assert torch.equal(got.float(), want)
+
+
 def test_memory_stays_bounded(cache_path: str) -> None:
     bs, buf, rpc, prefetch = 1, 4, 4, 1
-    bound_rows = 2 * (bs + buf + rpc)  # see the module docstring
+    bound_rows = bs + 2 * (buf + rpc)  # see the module docstring
     for seed in range(4):
         loader = _loader(cache_path, batch_size=bs, shuffle_buffer=buf, prefetch=prefetch, seed=seed,
                          layers=(0,), keep_in_memory_mb=0)  # the streaming path
@@ -410,14 +467,14 @@ def test_memory_stays_bounded(cache_path: str) -> None:
         assert loader.max_chunks_held <= math.ceil(bound_rows / rpc) + prefetch
 
 
-def test_memory_bound_needs_compaction(tmp_path: Path) -> None:
-    """Rows linger in a large shuffle buffer: held whole, their chunks would pile up (about 190 rows
-    here); with half-spent chunks compacted the rows held stay under 2 * (bs + buffer + rpc)."""
+def test_a_large_window_holds_its_chunks_and_no_more(tmp_path: Path) -> None:
+    """A 64-row window over 8-row chunks: the chunks of the windows a batch touches are held (64
+    rows here), never more than bs + 2 * (window + rpc); no row is copied but into its batch."""
     c = _synthetic(tmp_path, 400, 8, 8)
     for seed in range(3):
-        loader = CacheLoader(c, LoaderConfig(batch_size=4, shuffle_buffer=64, seed=seed))
+        loader = CacheLoader(c, LoaderConfig(batch_size=4, shuffle_buffer=64, seed=seed, keep_in_memory_mb=0))
         assert len(_rows(list(loader))) == 400
-        assert 64 < loader.max_rows_held <= 2 * (4 + 64 + 8)
+        assert 64 <= loader.max_rows_held <= 4 + 2 * (64 + 8)
 
 
 def _loader_threads() -> list[threading.Thread]:
@@ -498,10 +555,10 @@ def test_every_resume_point_and_memory_bound(tmp_path: Path, n_train: int, rpc: 
         for b in batches:  # the activations name their own row
             assert torch.equal(b.acts[5].float(), b.rows.float()[:, None, None].expand(-1, 2, 3))
             assert b.student_ids.tolist() == [[r, r] for r in b.rows.tolist()]
-    assert full.max_rows_held <= 2 * (bs + buf + rpc)
+    assert full.max_rows_held <= bs + 2 * (buf + rpc)
     for pos in range(n_batches + 1):
         loader = CacheLoader(c, cfg)
-        loader.load_state_dict({"epoch": 1, "position": pos, "seed": 11})
+        loader.load_state_dict({"epoch": 1, "position": pos, "seed": 11, "order": ORDER})
         _assert_same(list(loader), ref[1][pos:])
         needed = {r // rpc for r in full.order(1)[pos * bs : n_batches * bs]}
         assert loader.chunks_read == len(needed)

@@ -617,3 +617,105 @@ def test_a_reversed_slice_reads_empty_as_zarr(tmp_path: Path) -> None:
     assert reader is not None
     for sel in [(slice(5, 3),), (slice(-1, 3),), (slice(0, 8), slice(2, 1))]:
         _assert_identical(reader.read(sel), arr[sel], sel)
+
+
+# ----------------------------------------------------------------------------- 6. grouped reads
+
+
+@pytest.mark.parametrize(("limit", "value"), [("_MAX_IOV", 3), ("_MAX_GROUP_BYTES", 1), ("_MAX_STAGES", 1)])
+@pytest.mark.parametrize("sel", [(), (slice(1, 13),), (slice(0, 16), slice(1, 3)),
+                                 (slice(3, 5), slice(0, 1))], ids=["all", "rows", "cut-layers", "part"])
+def test_reads_split_at_every_limit_equal_zarr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: str,
+                                               value: int, sel: tuple[slice, ...]) -> None:
+    """File-adjacent chunks are read together, up to a number of pieces, of bytes and of partly
+    wanted chunks a call: with each limit at its smallest, every read still equals zarr's."""
+    import ia2cache.store.direct as direct
+
+    layout = Layout((16, 4, 3), (8, 4, 3), (2, 2, 3), "uint16", 0)
+    _write_zarr(tmp_path, layout, _layout_data(layout, 3, (0, 0)))
+    arr = _open_ro(tmp_path)
+    want = arr[sel]
+    calls: list[int] = []
+    real = os.preadv
+
+    def counted(fd: int, buffers: Any, offset: int) -> int:
+        calls.append(len(buffers))
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(direct.os, "preadv", counted)
+    reader = ShardReader.of(arr)
+    assert reader is not None
+    _assert_identical(reader.read(sel), want, "defaults")
+    grouped = len(calls)
+    monkeypatch.setattr(direct, limit, value)
+    calls.clear()
+    _assert_identical(ShardReader.of(arr).read(sel), want, limit)  # type: ignore[union-attr]
+    assert len(calls) >= grouped
+    if limit == "_MAX_IOV" and sel == ():
+        assert grouped == 2 and len(calls) > grouped  # one call a shard by default
+
+
+@pytest.mark.parametrize("most", [1, 7, 1000])
+def test_short_reads_are_continued(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, most: int) -> None:
+    """``preadv`` may return fewer bytes than asked (a signal; Linux's 2 GiB a call): the reader
+    reads on, and only a file that really ends early is damage."""
+    import ia2cache.store.direct as direct
+
+    layout = Layout((16, 4, 3), (8, 4, 3), (2, 2, 3), "int32", 0)
+    _write_zarr(tmp_path, layout, _layout_data(layout, 5, (0, 0)))
+    arr = _open_ro(tmp_path)
+    real = os.preadv
+
+    def short(fd: int, buffers: Any, offset: int) -> int:
+        out, left = [], most
+        for b in buffers:
+            if left <= 0:
+                break
+            out.append(memoryview(b).cast("B")[:left])
+            left -= out[-1].nbytes
+        return real(fd, out, offset)
+
+    monkeypatch.setattr(direct.os, "preadv", short)
+    reader = ShardReader.of(arr)
+    assert reader is not None
+    _assert_identical(reader.read(()), arr[...], most)
+    _assert_identical(reader.read((slice(3, 9), slice(1, 2))), arr[3:9, 1:2], most)
+
+
+def test_a_remembered_index_does_not_hide_a_damaged_chunk_or_file(tmp_path: Path) -> None:
+    """Shards with the same index bytes share one check of the index; their chunks are still
+    each checked, and a file of another size is checked anew."""
+    layout = Layout((16, 4), (8, 4), (2, 4), "uint16", 0)
+    _write_zarr(tmp_path, layout, _layout_data(layout, 9, (0, 0)))
+    files = sorted((tmp_path / "acts" / "x" / "c").rglob("*"))
+    files = [f for f in files if f.is_file()]
+    assert len(files) == 2 and _shard_index(files[0], 4).tobytes() == _shard_index(files[1], 4).tobytes()
+    arr = _open_ro(tmp_path)
+    reader = ShardReader.of(arr)
+    assert reader is not None
+    _assert_identical(reader.read((slice(0, 8),)), arr[0:8], "first shard")  # its index is remembered
+    _flip(files[1], 5)  # a chunk of the second shard, whose index bytes are the same
+    with pytest.raises(ValueError, match="crc32c"):
+        reader.read((slice(8, 16),))
+    data = files[1].read_bytes()
+    files[1].write_bytes(data[:3] + data)  # same index at the end, but 3 more bytes: chunks moved
+    with pytest.raises(ValueError):
+        ShardReader.of(_open_ro(tmp_path)).read((slice(8, 16),))  # type: ignore[union-attr]
+    with pytest.raises(ValueError):
+        reader.read((slice(8, 16),))
+
+
+@pytest.mark.parametrize("shape", [(21,), (21, 5), (21, 2, 3)])
+@pytest.mark.parametrize("sel", [(), (slice(0, 21),), (slice(3, 17),), (slice(5, 6),),
+                                 (slice(2, 9), slice(1, 2))])
+def test_arrays_chunked_by_rows_only_equal_zarr(tmp_path: Path, shape: tuple[int, ...],
+                                                sel: tuple[slice, ...]) -> None:
+    """Chunks of whole rows (the token arrays) take a shorter plan when whole rows are read: same
+    values as zarr, absent chunks (rows 8-11 left as the fill value) and partial chunks included."""
+    layout = Layout(shape, (8, *shape[1:]), (2, *shape[1:]), "int32", 3)
+    _write_zarr(tmp_path, layout, _layout_data(layout, 11, (8, 12)))
+    arr = _open_ro(tmp_path)
+    reader = ShardReader.of(arr)
+    assert reader is not None and reader._by_rows
+    sel = sel[: len(shape)]  # (a 1-D array has no second axis to cut)
+    _assert_identical(reader.read(sel), arr[sel], (shape, sel))

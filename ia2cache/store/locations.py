@@ -58,6 +58,7 @@ from ia2cache._io import (
     file_kind,
     listdir_beneath,
     open_beneath,
+    open_parts_beneath,
     pread_all,
     read_beneath,
     refusal,
@@ -853,7 +854,7 @@ class _SafeLocalStore(LocalStore):
                 wants zeros in its place); FileNotFoundError: missing from a writable store.
         """
         try:
-            return open_beneath(self.root, self.root / key, os.O_RDONLY, follow_root=False)
+            return open_parts_beneath(self.root, key.split("/"), os.O_RDONLY, follow_root=False)
         except FileNotFoundError:
             if self.read_only:
                 raise MissingShardError.of(key) from None
