@@ -10,8 +10,9 @@ of zarr's reach, so this module reads the one layout the activations are written
 nothing else. Now the wanted chunks of a shard are read in file order, each run of adjacent
 ones (at most 64 MB) in one ``preadv`` that scatters every wholly wanted chunk straight into
 place, with no copy after the read: 0.51 -> 0.31 s for a GB of shuffled chunks here, and the
-loader's token arrays (912 small shard files a GB) 0.3 -> 0.1 s with the files opened from
-their key's names (:func:`~ia2cache._io.open_parts_beneath`) and a checked index remembered.
+loader's token arrays (912 small shard files a GB) 0.3 -> 0.075 s with the files opened from
+their key's names (:func:`~ia2cache._io.open_parts_beneath`), a checked index remembered and
+a short plan for chunks of whole rows.
 
 What it reads: an array whose zarr metadata (zarr's own parse of ``zarr.json``) is exactly
 - a regular chunk grid (one shard file per grid cell) with the default chunk key encoding and
