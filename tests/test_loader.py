@@ -15,7 +15,7 @@ import torch
 
 from ia2cache.collect import CollectConfig, collect
 from ia2cache.errors import IA2Error
-from ia2cache.loader import ORDER, Batch, CacheLoader, LoaderConfig
+from ia2cache.loader import ORDER, Batch, CacheLoader, LoaderConfig, default_read_rows
 from ia2cache.models import ModelInfo, load_model
 from ia2cache.store import Cache, decode_activations
 from tests.conftest import write_task
@@ -47,7 +47,7 @@ def cache_path(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -
 
 
 def _loader(path: str | Cache, **kw: Any) -> CacheLoader:
-    base: dict[str, Any] = {"batch_size": 3, "shuffle_buffer": 4}
+    base: dict[str, Any] = {"batch_size": 3, "shuffle_buffer": 4, "read_rows": 4}  # the chunk
     base.update(kw)
     return CacheLoader(path, LoaderConfig(**base), pad_id=PAD)
 
@@ -159,7 +159,8 @@ def test_order_is_seeded_deterministic_and_a_permutation(cache_path: str) -> Non
         _assert_same(ba, bb)
         assert _rows(ba) == a.order(epoch)
         assert sorted(_rows(ba)) == list(range(30))
-        assert a.state_dict() == {"epoch": epoch + 1, "position": 0, "seed": 3, "order": ORDER}
+        want = {"epoch": epoch + 1, "position": 0, "seed": 3, "order": ORDER, "read_rows": 4}
+        assert a.state_dict() == want
     assert a.order(0) != a.order(1)
     other = _loader(cache_path, seed=4)
     assert other.order(0) != a.order(0) and sorted(other.order(0)) == list(range(30))
@@ -206,7 +207,7 @@ def test_mid_epoch_resume_is_exact(cache_path: str) -> None:
     it = iter(first)
     head = [next(it), next(it)]
     state = first.state_dict()
-    assert state == {"epoch": 0, "position": 2, "seed": 1, "order": ORDER}
+    assert state == {"epoch": 0, "position": 2, "seed": 1, "order": ORDER, "read_rows": 4}
     it.close()
     assert first.state_dict() == state  # abandoning the iterator keeps the position
     resumed = _loader(cache_path, seed=1)
@@ -216,7 +217,7 @@ def test_mid_epoch_resume_is_exact(cache_path: str) -> None:
     # Chunks whose rows were all consumed by the first 2 batches are not read again.
     rest = resumed.order(0)[6:]
     assert resumed.chunks_read == len({r // 4 for r in rest})
-    assert resumed.state_dict() == {"epoch": 1, "position": 0, "seed": 1, "order": ORDER}
+    assert resumed.state_dict() == {"epoch": 1, "position": 0, "seed": 1, "order": ORDER, "read_rows": 4}
 
 
 def test_resume_across_the_epoch_boundary(cache_path: str) -> None:
@@ -227,19 +228,20 @@ def test_resume_across_the_epoch_boundary(cache_path: str) -> None:
     for _ in run:
         states.append(run.state_dict())
     # saved inside the loop
-    assert states[-1] == {"epoch": 0, "position": len(run), "seed": 2, "order": ORDER}
+    assert states[-1] == {"epoch": 0, "position": len(run), "seed": 2, "order": ORDER, "read_rows": 4}
     it = iter(run)
     got = [next(it) for _ in range(3)]
     state = run.state_dict()
     it.close()
-    assert state == {"epoch": 1, "position": 3, "seed": 2, "order": ORDER}
+    assert state == {"epoch": 1, "position": 3, "seed": 2, "order": ORDER, "read_rows": 4}
     later = _loader(cache_path, seed=2)
     later.load_state_dict(state)
     _assert_same(got + list(later), ref1)
     # A state saved after the last batch, before the loop ended: the epoch has nothing left.
     end = _loader(cache_path, seed=2)
     end.load_state_dict(states[-1])
-    assert list(end) == [] and end.state_dict() == {"epoch": 1, "position": 0, "seed": 2, "order": ORDER}
+    assert list(end) == []
+    assert end.state_dict() == {"epoch": 1, "position": 0, "seed": 2, "order": ORDER, "read_rows": 4}
     _assert_same(list(end), ref1)
     end.set_epoch(0)
     _assert_same(list(end), ref0)
@@ -260,7 +262,7 @@ def test_load_state_refuses_a_mid_epoch_state_of_another_order(cache_path: str) 
     with pytest.raises(IA2Error, match="another row order.*'shuffle-buffer'.*epoch boundary"):
         loader.load_state_dict({"epoch": 0, "position": 1, "seed": 0})
     loader.load_state_dict({"epoch": 2, "position": 0, "seed": 0})
-    assert loader.state_dict() == {"epoch": 2, "position": 0, "seed": 0, "order": ORDER}
+    assert loader.state_dict() == {"epoch": 2, "position": 0, "seed": 0, "order": ORDER, "read_rows": 4}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -547,6 +549,7 @@ def test_every_resume_point_and_memory_bound(tmp_path: Path, n_train: int, rpc: 
     c = _synthetic(tmp_path, n_train, 7, rpc)
     cfg = LoaderConfig(batch_size=bs, shuffle_buffer=buf, drop_last=drop_last, seed=11, prefetch=1)
     full = CacheLoader(c, cfg)
+    unit = 2 * rpc  # the default read unit: two chunks (a shard of the synthetic cache)
     ref = [list(full) for _ in range(2)]
     n_batches = n_train // bs if drop_last else math.ceil(n_train / bs)
     for epoch, batches in enumerate(ref):
@@ -555,25 +558,77 @@ def test_every_resume_point_and_memory_bound(tmp_path: Path, n_train: int, rpc: 
         for b in batches:  # the activations name their own row
             assert torch.equal(b.acts[5].float(), b.rows.float()[:, None, None].expand(-1, 2, 3))
             assert b.student_ids.tolist() == [[r, r] for r in b.rows.tolist()]
-    assert full.max_rows_held <= bs + 2 * (buf + rpc)
+    assert full.max_rows_held <= bs + 2 * (buf + unit)
     for pos in range(n_batches + 1):
         loader = CacheLoader(c, cfg)
-        loader.load_state_dict({"epoch": 1, "position": pos, "seed": 11, "order": ORDER})
+        loader.load_state_dict({"epoch": 1, "position": pos, "seed": 11, "order": ORDER, "read_rows": unit})
         _assert_same(list(loader), ref[1][pos:])
-        needed = {r // rpc for r in full.order(1)[pos * bs : n_batches * bs]}
+        needed = {r // unit for r in full.order(1)[pos * bs : n_batches * bs]}
         assert loader.chunks_read == len(needed)
 
 
 def test_read_rows_reads_bigger_units_and_keeps_every_row_once(tmp_path: Path) -> None:
     path = _synthetic(tmp_path, n_train=96, n_dev=4, rpc=4)  # shards of 8 rows
-    small = CacheLoader(path, LoaderConfig(batch_size=8, seed=3))
-    big = CacheLoader(path, LoaderConfig(batch_size=8, seed=3, read_rows=8))
-    for loader in (small, big):
+    small = CacheLoader(path, LoaderConfig(batch_size=8, seed=3, read_rows=4))
+    default = CacheLoader(path, LoaderConfig(batch_size=8, seed=3))  # two chunks
+    big = CacheLoader(path, LoaderConfig(batch_size=8, seed=3, read_rows=16))
+    for loader in (small, default, big):
         rows = [int(r) for b in loader for r in b.rows]
         assert sorted(rows) == list(range(96))
-    assert small.chunks_read == 24 and big.chunks_read == 12
+    assert (small.chunks_read, default.chunks_read, big.chunks_read) == (24, 12, 6)
+    assert default.state_dict()["read_rows"] == 8
     with pytest.raises(IA2Error, match="read_rows 6"):
         CacheLoader(path, LoaderConfig(read_rows=6))
+
+
+@pytest.mark.parametrize(("rpc", "rps", "want"), [(4, 8, 8), (4, 12, 4), (8, 32, 16), (1, 1, 1), (3, 6, 6)])
+def test_the_default_unit_is_two_chunks_where_a_shard_holds_an_even_number(rpc: int, rps: int,
+                                                                             want: int) -> None:
+    assert default_read_rows(rpc, rps) == want
+
+
+def _head_and_state(path: Cache, n: int, **kw: Any) -> tuple[list[Batch], dict]:
+    """The first ``n`` batches of a loader and its state after them."""
+    loader = CacheLoader(path, LoaderConfig(batch_size=4, seed=1, **kw))
+    it = iter(loader)
+    head = [next(it) for _ in range(n)]
+    state = loader.state_dict()
+    it.close()
+    return head, state
+
+
+def test_a_mid_epoch_state_keeps_its_read_unit(tmp_path: Path) -> None:
+    """The unit decides a shuffled order: a mid-epoch state records it. A loader left to its
+    default unit (read_rows None: distill's) takes the state's, and one saved before units were
+    recorded (no "read_rows") had read_rows or the chunk; an explicit other read_rows is refused.
+    Every resume that is accepted continues exactly."""
+    path = _synthetic(tmp_path, n_train=32, n_dev=4, rpc=4)  # shards of 8 rows: default unit 8
+
+    def full(**kw: Any) -> list[Batch]:
+        return list(CacheLoader(path, LoaderConfig(batch_size=4, seed=1, **kw)))
+
+    head, state = _head_and_state(path, 2, read_rows=4)
+    assert state["read_rows"] == 4
+    with pytest.raises(IA2Error, match="units of 4 rows.*read_rows=8, 8 rows"):
+        CacheLoader(path, LoaderConfig(batch_size=4, seed=1, read_rows=8)).load_state_dict(state)
+    legacy = {k: v for k, v in state.items() if k != "read_rows"}
+    for saved in (state, legacy):  # the default unit follows the state, legacy states the chunk
+        resumed = CacheLoader(path, LoaderConfig(batch_size=4, seed=1))
+        resumed.load_state_dict(saved)
+        _assert_same(head + list(resumed), full(read_rows=4))
+        assert resumed.state_dict()["read_rows"] == 4
+    head16, state16 = _head_and_state(path, 3, read_rows=16)
+    again = CacheLoader(path, LoaderConfig(batch_size=4, seed=1, read_rows=16))
+    again.load_state_dict({k: v for k, v in state16.items() if k != "read_rows"})  # legacy, explicit unit
+    _assert_same(head16 + list(again), full(read_rows=16))
+    # Unshuffled, or at an epoch boundary, the rows to come do not depend on the unit.
+    head_rows, state_rows = _head_and_state(path, 2, read_rows=4, shuffle=False)
+    plain = CacheLoader(path, LoaderConfig(batch_size=4, seed=1, read_rows=8, shuffle=False))
+    plain.load_state_dict(state_rows)
+    _assert_same(head_rows + list(plain), full(read_rows=8, shuffle=False))
+    fresh = CacheLoader(path, LoaderConfig(batch_size=4, seed=1, read_rows=8))
+    fresh.load_state_dict({**state, "epoch": 1, "position": 0})
+    assert _rows(list(fresh)) == fresh.order(1) and fresh.state_dict()["read_rows"] == 8
 
 
 def test_small_split_is_kept_in_memory_after_the_first_epoch(cache_path: str) -> None:

@@ -719,3 +719,46 @@ def test_arrays_chunked_by_rows_only_equal_zarr(tmp_path: Path, shape: tuple[int
     assert reader is not None and reader._by_rows
     sel = sel[: len(shape)]  # (a 1-D array has no second axis to cut)
     _assert_identical(reader.read(sel), arr[sel], (shape, sel))
+
+
+@pytest.mark.parametrize("known", [16, 0])
+def test_remembered_plans_follow_the_shard_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 known: int) -> None:
+    """A read plan is remembered per (shard index, part of the shard, output shape): the full
+    shards, whose index bytes are equal, share one; a shard with absent chunks (rows 8-11 left
+    as the fill value) has its own. Reads of the same part of every shard, in both orders, and
+    of boxes across shards (as a loader's token arrays are read) equal zarr's; with no index
+    remembered (each load parses a new one, shard files reopened), no plan is used for another
+    index."""
+    import ia2cache.store.direct as direct
+
+    monkeypatch.setattr(direct, "_KNOWN_INDEXES", known)
+    monkeypatch.setattr(direct, "_KEEP_OPEN", 1)
+    layout = Layout((40, 6), (8, 6), (2, 3), "uint16", 0)
+    _write_zarr(tmp_path, layout, _layout_data(layout, 13, (8, 12)))
+    arr = _open_ro(tmp_path)
+    reader = ShardReader.of(arr)
+    assert reader is not None
+    for s in [*range(5), *reversed(range(5))]:
+        for a, b in [(2, 6), (0, 8), (1, 3)]:
+            sel = (slice(8 * s + a, 8 * s + b),)
+            _assert_identical(reader.read(sel), arr[sel], (known, sel))
+    if known:
+        assert len(reader._plans) == 2 * 3  # two indexes, three parts each
+    for sel in [(), (slice(3, 37),), (slice(5, 30), slice(1, 5))]:
+        for _ in range(2):
+            _assert_identical(reader.read(sel), arr[sel], (known, sel))
+
+
+def test_one_plan_serves_parts_at_other_places_of_the_output(tmp_path: Path) -> None:
+    """Boxes across several shards on both axes, with absent (rows 2-3) and partly wanted chunks:
+    the same part of a shard lands at other columns of equal-shaped outputs (one remembered
+    plan, two shifts); each read twice, through one reader, equals zarr."""
+    layout = Layout((8, 16), (4, 4), (2, 2), "int32", 3)
+    _write_zarr(tmp_path, layout, _layout_data(layout, 17, (2, 4)))
+    arr = _open_ro(tmp_path)
+    reader = ShardReader.of(arr)
+    assert reader is not None
+    for sel in [(slice(0, 8), slice(1, 13)), (slice(0, 8), slice(3, 15)), (slice(1, 7), slice(2, 15))]:
+        for _ in range(2):
+            _assert_identical(reader.read(sel), arr[sel], sel)
