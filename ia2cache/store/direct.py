@@ -400,10 +400,6 @@ class _Into:
         # C strides from the shape (NumPy may give an axis of length 1 any stride)
         self.strides = tuple(math.prod(out.shape[i + 1:]) * out.itemsize for i in range(out.ndim))
 
-    def put(self, lo: list[int], hi: list[int], values: np.ndarray) -> None:
-        """Copy ``values`` into the box ``lo``..``hi``."""
-        self.out[tuple(slice(x, y) for x, y in zip(lo, hi, strict=True))] = values
-
 
 class _At:
     """A place in an output: positions relative to ``shift`` (a corner), ``base`` its byte offset."""
