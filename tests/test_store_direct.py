@@ -327,8 +327,9 @@ def test_a_flipped_byte_in_the_shard_index_is_refused_by_both(tmp_path: Path, at
     _assert_identical(reader.read((slice(0, 8),)), arr[0:8])
 
 
-@pytest.mark.parametrize("keep", [0.5, -1, -10, 30])
+@pytest.mark.parametrize("keep", [0.5, -1, -10, 30, 0])
 def test_a_truncated_shard_file_is_refused_by_both(tmp_path: Path, keep: float) -> None:
+    """Down to an empty file, which zarr alone reads as "every chunk absent" (fill values)."""
     cache = _damage_cache(tmp_path)
     key, f = _shard_path(cache, 3)
     data = f.read_bytes()
@@ -339,7 +340,7 @@ def test_a_truncated_shard_file_is_refused_by_both(tmp_path: Path, keep: float) 
     with pytest.raises(ValueError, match="truncated|crc32c") as e:
         reader.read((slice(12, 16),))
     assert key in str(e.value)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="empty" if keep == 0 else None):
         arr[12:16]
     _assert_identical(reader.read((slice(0, 12),)), arr[0:12])
 
@@ -463,6 +464,21 @@ def test_no_reader_for_a_compressed_array_which_zarr_reads(tmp_path: Path, codec
     assert ShardReader.of(cache.array(TOKENS)) is not None  # codec "none"
     _assert_identical(cache.read(ACTS, 1, 8, layers=[layers[2], layers[0]]), full[ACTS][1:8][:, [2, 0]])
     assert cache._direct[ACTS] is None
+
+
+def test_an_empty_shard_file_of_a_compressed_array_is_damage_not_zeros(tmp_path: Path) -> None:
+    """zarr reads an empty shard file as fill values; the store refuses it, naming the file, and
+    the loader names the damaged rows."""
+    cache, full, _ = _act_cache(tmp_path, n_rows=8, rpc=2, rps=4, n_layers=2, lc=2, p=2, h=3,
+                                dtype="uint16", seed=3, codec="lz4")
+    key, f = _shard_path(cache, 1)
+    f.write_bytes(b"")
+    c = Cache.open(cache.path)
+    assert c._direct.get(ACTS) is None  # read through zarr
+    with pytest.raises(ValueError, match=f"shard file {key} is empty"):
+        c.read(ACTS, 4, 6)
+    _assert_identical(c.read(ACTS, 0, 4), full[ACTS][0:4])
+    assert {(p.array, p.rows) for p in c.verify()} == {(ACTS, (4, 6)), (ACTS, (6, 8))}
 
 
 def test_no_reader_for_a_writable_store(tmp_path: Path) -> None:

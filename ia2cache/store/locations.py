@@ -25,7 +25,8 @@ Credentials and endpoints come from the usual fsspec/botocore sources (``AWS_*``
 variables, ``~/.aws``, ``AWS_ENDPOINT_URL`` for S3-compatible servers); nothing is stored.
 
 Reads of shard files are *strict*: a shard file that does not exist raises instead of reading as
-zarr's fill value, so a deleted shard is damage, never a block of zeros (:class:`MissingShardError`).
+zarr's fill value, so a deleted shard is damage, never a block of zeros (:class:`MissingShardError`);
+an empty one (0 bytes, which zarr reads as all chunks absent) is damage too (``ValueError``).
 """
 
 from __future__ import annotations
@@ -93,6 +94,14 @@ class MissingShardError(IA2Error):
     @classmethod
     def of(cls, key: str) -> MissingShardError:
         return cls(f"shard file {key} is missing (deleted?)")
+
+
+def _refuse_empty_shard(key: str, size: int) -> None:
+    """Raise ``ValueError`` (damage) for an empty shard file: zarr's sharding codec reads one as
+    "every chunk absent", i.e. fill values, and ia2cache never writes one (every shard it writes
+    holds at least its index)."""
+    if size == 0 and _CHUNK_KEY.fullmatch(key):
+        raise ValueError(f"shard file {key} is empty (0 bytes): damaged, not zeros")
 
 
 def is_remote_failure(exc: BaseException) -> bool:
@@ -793,7 +802,8 @@ class _SafeLocalStore(LocalStore):
     once instead of blocking, and a symlink is never read through; the refusal names the file.
     Reads run on zarr's event loop itself rather than in a worker thread: a ``pread`` from the
     page cache costs less than the thread hand-off (measured in the README's "Performance").
-    A read-only store refuses a missing shard file (:class:`MissingShardError`).
+    A read-only store refuses a missing shard file (:class:`MissingShardError`) and an empty one
+    (``ValueError``, damage: zarr would read it as fill values).
 
     Writes stay zarr's own (a temp file under a random name, then a rename: the rename never
     follows a link at the destination, and the crash tests' fault points sit inside it). Before
@@ -880,6 +890,8 @@ class _SafeLocalStore(LocalStore):
             return None  # metadata: as zarr's, absent
         try:
             size = os.fstat(fd).st_size
+            if self.read_only:
+                _refuse_empty_shard(key, size)
             start, stop = _byte_span(byte_range, size)
             data = pread_all(fd, stop - start, start) if stop > start else b""
         finally:
@@ -916,13 +928,15 @@ class _SafeLocalStore(LocalStore):
 
 
 class _StrictStore(WrapperStore[Any]):
-    """A read-only zarr store (remote) that refuses a missing shard file instead of zeros."""
+    """A read-only zarr store (remote) that refuses a missing or empty shard file instead of zeros."""
 
     async def get(self, key: str, prototype: BufferPrototype | None = None,
                   byte_range: ByteRequest | None = None) -> Buffer | None:
         got = await self._store.get(key, prototype or default_buffer_prototype(), byte_range)
         if got is None and _CHUNK_KEY.fullmatch(key):
             raise MissingShardError.of(key)
+        if got is not None:  # no read of a whole shard, nor of a part of one, is empty
+            _refuse_empty_shard(key, len(got))
         return got
 
     async def get_partial_values(self, prototype: BufferPrototype,
