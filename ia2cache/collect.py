@@ -49,11 +49,11 @@ from ia2cache.models import load_model, load_tokenizer
 from ia2cache.padding import pad
 from ia2cache.prompts import (
     DEFAULT_DEV,
-    POSITION_MODES,
     PromptConfig,
     PromptPair,
     build_eval_pairs,
     build_pairs,
+    check_positions,
     response_length,
 )
 from ia2cache.sites import check_site, decoder_layers, get_site, parse_layers
@@ -161,8 +161,7 @@ class CollectConfig:
     def __post_init__(self) -> None:
         if self.response not in RESPONSE_MODES:
             raise IA2Error(f"--response {self.response}: choose icl or target")
-        if self.positions not in POSITION_MODES:
-            raise IA2Error(f"--positions {self.positions}: choose {' or '.join(POSITION_MODES)}")
+        check_positions(self.positions)
         if self.dtype not in DTYPES:
             raise IA2Error(f"--dtype {self.dtype}: choose one of {', '.join(DTYPES)}")
         get_site(self.site)

@@ -82,6 +82,13 @@ class PromptConfig:
         return min(self.n - 1, K_MAX) if self.k is None else self.k
 
 
+def check_positions(mode: str) -> str:
+    """``mode`` if it is one of :data:`POSITION_MODES`; IA2Error naming ``--positions`` otherwise."""
+    if mode not in POSITION_MODES:
+        raise IA2Error(f"--positions {mode}: choose {' or '.join(POSITION_MODES)}")
+    return mode
+
+
 def check_seed(seed: int, flag: str = "--seed") -> int:
     """``seed`` if it is an int in [0, 2**32); IA2Error naming ``flag`` otherwise."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
@@ -131,10 +138,8 @@ class PromptPair:
         """
         tp = [len(self.teacher_ids) - 1 + i for i in range(t)]
         sp = [len(self.student_ids) - 1 + i for i in range(t)]
-        if mode == "response":
+        if check_positions(mode) == "response":
             return tp, sp
-        if mode != "query+response":
-            raise IA2Error(f"--positions {mode}: choose one of {', '.join(POSITION_MODES)}")
         # The last query token is already response position 0; do not count it twice.
         tq = [self.query_start + j for j in range(self.query_len - 1)]
         sq = [self.prefix_len + j for j in range(self.query_len - 1)]
@@ -337,5 +342,5 @@ def build_eval_pairs(
 
 __all__ = [
     "PromptConfig", "PromptPair", "PairSet", "build_pairs", "build_eval_pairs", "train_indices",
-    "check_seed", "K_MAX", "DEFAULT_DEV", "ICL_DEMOS", "POSITION_MODES",
+    "check_positions", "check_seed", "K_MAX", "DEFAULT_DEV", "ICL_DEMOS", "POSITION_MODES",
 ]

@@ -47,7 +47,7 @@ from ia2cache.errors import IA2Error
 from ia2cache.evaluate import EvalConfig, evaluate, load_adapter, ood_task
 from ia2cache.objectives import OBJECTIVES, SCHEDULES
 from ia2cache.outputs import OutputLock, claim_output_dir, json_safe
-from ia2cache.prompts import DEFAULT_DEV, ICL_DEMOS, check_seed
+from ia2cache.prompts import DEFAULT_DEV, ICL_DEMOS, check_positions, check_seed
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,10 @@ class SweepConfig:
     unlabelled_file: str | None = None
     """JSONL of {"input": ...} lines to draw the unlabelled queries from (default: the pool rows
     after train and dev, targets dropped)."""
+    positions: str = "response"
+    """Aligned positions of the caches (``collect --positions``): response (the paper's: the
+    positions predicting the response, one with T=1) or query+response (every query token too;
+    an ablation)."""
     runs: str | None = None
     """Folder for the trained adapters; default <out>/adapters. Sweeps that share one share every
     identical run (distill reuses a finished run of the same settings and cache), e.g. a full-grid
@@ -174,6 +178,7 @@ class SweepConfig:
             except ValueError:
                 raise IA2Error(f"--dev {self.dev}: a row count 1..100000, or 'half' (N//2)") from None
         parse_shard(self.shard)
+        check_positions(self.positions)
         self.distill_template(4, 0, "tok", 1e-3)  # the shared training settings are valid
 
     def dev_rows(self, n: int) -> int:
@@ -192,10 +197,11 @@ class SweepConfig:
 
 
 NON_SETTINGS = frozenset({"task", "out", "ns", "seeds", "methods", "store", "workers", "threads", "shard",
-                          "model", "eval_task", "runs", "unlabelled", "unlabelled_file"})
+                          "model", "eval_task", "runs", "unlabelled", "unlabelled_file", "positions"})
 """SweepConfig fields that do not change a cell's result (grid axes, where and how it runs), or
-that enter the settings resolved (model -> fingerprint, tasks -> content hashes). Every other
-field is a setting: a new field is one unless it is declared here."""
+that enter the settings resolved (model -> fingerprint, tasks -> content hashes) or only when not
+at their default (:func:`_settings`). Every other field is a setting: a new field is one unless it
+is declared here."""
 
 
 def parse_shard(spec: str | None) -> tuple[int, int]:
@@ -349,10 +355,14 @@ def _settings(config: SweepConfig, task: Any, target: Any, model_fp: dict[str, s
     d = {k: v for k, v in asdict(config).items() if k not in NON_SETTINGS}
     d.update(model=model_fp, task=task.content_hash, lrs=[float(x) for x in config.lrs],
              eval_task=target.content_hash if config.eval_task else None)
-    if config.unlabelled_file:  # only then: sweeps without unlabelled queries keep their settings
+    # Settings added later enter only when not at their default, so that every sweep run before
+    # keeps its settings (and its finished cells).
+    if config.unlabelled_file:
         from ia2cache.tasks import load_unlabelled
 
         d["unlabelled_file"] = load_unlabelled(config.unlabelled_file)[1]
+    if config.positions != "response":
+        d["positions"] = config.positions
     return d
 
 
@@ -492,7 +502,8 @@ class _Unit:
         from ia2cache.store import Cache
 
         res = collect(CollectConfig(model=c.model, task=c.task, n=n, seed=seed, dev=c.dev_rows(n),
-                                    store=c.store, unlabelled=self.m, unlabelled_file=c.unlabelled_file))
+                                    store=c.store, unlabelled=self.m, unlabelled_file=c.unlabelled_file,
+                                    positions=c.positions))
         return Cache.open(res.cache)
 
     def _run_dir(self, n: int, seed: int, name: str) -> Path:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ def test_shards_together_run_exactly_the_cells_of_one_run(env: dict[str, str], t
 @pytest.mark.parametrize("change", [
     {"max_steps": 6}, {"lrs": (3e-2,)}, {"eval_every": 1}, {"patience": 2}, {"n_eval": 3}, {"dev": "6"},
     {"icl_k": 2}, {"icl_demos": "pool"}, {"labels": "icl"}, {"adapter": "ia3"}, {"lora_r": 4},
-    {"model": "other"}, {"task": "edited"}, {"min_delta": 0.0},
+    {"model": "other"}, {"task": "edited"}, {"min_delta": 0.0}, {"positions": "query+response"},
 ])
 def test_a_rerun_with_a_changed_setting_is_refused_naming_it(env: dict[str, str], tmp_path: Path,
                                                             change: dict[str, Any], tiny_tok: Any) -> None:
@@ -173,6 +174,30 @@ def _plan_only(config: SweepConfig, out: Path) -> str:
     _check_settings(out, plan)
     _write_settings(out, plan)
     return plan.settings_hash
+
+
+def test_positions_reach_the_caches_and_enter_the_settings_only_when_changed(env: dict[str, str],
+                                                                           tmp_path: Path) -> None:
+    """--positions query+response collects caches that align every query token too; at its
+    default the settings (and so the cells of every sweep run before it existed) are unchanged."""
+    from ia2cache.store import Cache
+    from ia2cache.sweep import _plan
+
+    default, ablation = (_small(env, tmp_path / p, seeds=(0,), methods=("act",)) for p in ("a", "b"))
+    ablation = dataclasses.replace(ablation, positions="query+response")
+    assert "positions" not in _plan(default).settings
+    assert _plan(ablation).settings["positions"] == "query+response"
+    rows = {}
+    for name, config in (("response", default), ("query+response", ablation)):
+        sweep(config)
+        (row,) = [r for r in read_results(Path(config.out)) if r["method"] == "act"]
+        cache = Cache.open(Path(env["store"]) / row["cache"])
+        assert cache.manifest["positions"] == name
+        rows[name] = cache.read("tokens/positions_len", 0, cache.n_rows)
+    # One aligned position a row (T=1) against the query's tokens too: strictly more each row.
+    assert (rows["response"] == 1).all() and (rows["query+response"] > 1).all()
+    with pytest.raises(IA2Error, match="--positions all: choose response or query"):
+        dataclasses.replace(default, positions="all")
 
 
 def test_more_seeds_or_methods_extend_a_sweep(env: dict[str, str], tmp_path: Path) -> None:

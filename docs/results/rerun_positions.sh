@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The aligned-positions ablation (README "The comparison protocol"): tok, act and a2t on
+# sentiment_remap, N 4 and 8, 5 seeds, with caches that align every query token too
+# (--positions query+response), under the protocol of docs/results/rerun.sh (its defaults, lr
+# search "descend"). Pair it with the main run's tok and a2t (final/) by (N, seed): the paper's
+# one aligned position a row against the query's tokens too. Resumable like rerun.sh, from its
+# own frozen copy of the code (sweeps/code_pos, see _frozen.sh). Start it after rerun.sh has
+# finished (both use both cores): about 3-4 hours on 2 CPU cores.
+set -u
+source "$(dirname "$0")/_frozen.sh" code_pos
+echo "=== positions sentiment_remap $(date)"
+"${IA2[@]}" sweep --task sentiment_remap --n 4,8 --seeds 0-4 --methods tok,act,a2t --positions query+response \
+  --workers "${WORKERS:-2}" --store store2 --runs runs2 --lr-search descend --out final-positions
+echo "=== done $(date)"
