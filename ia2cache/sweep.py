@@ -127,9 +127,8 @@ class SweepConfig:
     """JSONL of {"input": ...} lines to draw the unlabelled queries from (default: the pool rows
     after train and dev, targets dropped)."""
     positions: str = "response"
-    """Aligned positions of the caches (``collect --positions``): response (the paper's: the
-    positions predicting the response, one with T=1) or query+response (every query token too;
-    an ablation)."""
+    """Aligned positions of the caches, as ``collect --positions`` (response is the paper's;
+    query+response an ablation)."""
     runs: str | None = None
     """Folder for the trained adapters; default <out>/adapters. Sweeps that share one share every
     identical run (distill reuses a finished run of the same settings and cache), e.g. a full-grid
@@ -455,10 +454,11 @@ class _Unit:
         return self._base
 
     def row(self, n: int, seed: int, method: str) -> dict[str, Any]:
+        ablation = {"positions": self.config.positions} if self.config.positions != "response" else {}
         return {"task": self.plan["task"], "eval_task": self.plan["eval_task"], "n": n, "seed": seed,
                 "method": method, "settings": self.plan["settings_hash"], "status": "ok",
                 "model": self.plan["model"], "unlabelled": self.m,
-                "dev": self.config.dev_rows(n) if n else 0}
+                "dev": self.config.dev_rows(n) if n else 0, **ablation}
 
     def cells(self, n: int, seed: int, todo: list[str]) -> Iterator[dict[str, Any]]:
         c = self.config
@@ -507,8 +507,13 @@ class _Unit:
         return Cache.open(res.cache)
 
     def _run_dir(self, n: int, seed: int, name: str) -> Path:
+        """Runs of one (N, seed, M) and cache settings share a folder; ablation caches (other
+        positions) get their own, so that sweeps sharing ``runs`` never meet another cache's run."""
         root = Path(self.config.runs).expanduser() if self.config.runs else self.out / "adapters"
-        return root / self.plan["label"] / (f"n{n}-s{seed}" + (f"-u{self.m}" if self.m else "")) / name
+        unit = f"n{n}-s{seed}" + (f"-u{self.m}" if self.m else "")
+        if self.config.positions != "response":
+            unit += "-" + self.config.positions.replace("+", "-")
+        return root / self.plan["label"] / unit / name
 
     def _choose(self, runs: list[tuple[float, Any]], what: str) -> tuple[float, Any, dict[str, Any]]:
         grid = {f"{lr:g}": (None if isinstance(r, Exception) else r.final["dev_loss"]) for lr, r in runs}

@@ -179,11 +179,14 @@ def _plan_only(config: SweepConfig, out: Path) -> str:
 def test_positions_reach_the_caches_and_enter_the_settings_only_when_changed(env: dict[str, str],
                                                                            tmp_path: Path) -> None:
     """--positions query+response collects caches that align every query token too; at its
-    default the settings (and so the cells of every sweep run before it existed) are unchanged."""
+    default the settings (and so the cells of every sweep run before it existed) are unchanged.
+    Both share one runs folder (as docs/results' scripts do): neither meets the other's runs."""
     from ia2cache.store import Cache
     from ia2cache.sweep import _plan
 
-    default, ablation = (_small(env, tmp_path / p, seeds=(0,), methods=("act",)) for p in ("a", "b"))
+    runs = str(tmp_path / "runs")
+    default, ablation = (_small(env, tmp_path / p, seeds=(0,), methods=("act",), runs=runs)
+                         for p in ("a", "b"))
     ablation = dataclasses.replace(ablation, positions="query+response")
     assert "positions" not in _plan(default).settings
     assert _plan(ablation).settings["positions"] == "query+response"
@@ -191,8 +194,11 @@ def test_positions_reach_the_caches_and_enter_the_settings_only_when_changed(env
     for name, config in (("response", default), ("query+response", ablation)):
         sweep(config)
         (row,) = [r for r in read_results(Path(config.out)) if r["method"] == "act"]
+        assert row["status"] == "ok", row
+        assert row.get("positions", "response") == name and ("positions" in row) == (name != "response")
         cache = Cache.open(Path(env["store"]) / row["cache"])
         assert cache.manifest["positions"] == name
+        assert json.loads((Path(row["adapter"]) / "run.json").read_text())["cache_key"] == row["cache"]
         rows[name] = cache.read("tokens/positions_len", 0, cache.n_rows)
     # One aligned position a row (T=1) against the query's tokens too: strictly more each row.
     assert (rows["response"] == 1).all() and (rows["query+response"] > 1).all()

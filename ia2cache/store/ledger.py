@@ -37,7 +37,7 @@ __all__ = ["DAMAGE_ERRORS", "ArrayRecord", "ChunkCheck", "LedgerEntry", "Stats",
 DAMAGE_ERRORS: tuple[type[BaseException], ...] = (
     IA2Error, ValueError, RuntimeError, EOFError, zlib.error, lzma.LZMAError,
 )
-"""What reading damaged bytes raises: ia2cache's refusals (a FIFO or a missing shard file), zarr
+"""What reading damaged bytes raises: ia2cache's refusals (a FIFO, a missing or empty shard file), zarr
 and :mod:`~ia2cache.store.direct` (a crc32c mismatch, a damaged shard index and undecodable
 metadata are ValueErrors), the codecs (blosc: RuntimeError).
 An ``OSError`` is the file system failing, not damage; anything else is a bug."""

@@ -96,12 +96,12 @@ class MissingShardError(IA2Error):
         return cls(f"shard file {key} is missing (deleted?)")
 
 
-def _refuse_empty_shard(key: str, size: int) -> None:
-    """Raise ``ValueError`` (damage) for an empty shard file: zarr's sharding codec reads one as
-    "every chunk absent", i.e. fill values, and ia2cache never writes one (every shard it writes
-    holds at least its index)."""
+def _refuse_empty_shard(key: str, size: int, what: str = "is empty (0 bytes)") -> None:
+    """Raise ``ValueError`` (damage) for an empty shard file (or a read of it that returned
+    nothing): zarr's sharding codec reads one as "every chunk absent", i.e. fill values, and
+    ia2cache never writes one (every shard it writes holds at least its index)."""
     if size == 0 and _CHUNK_KEY.fullmatch(key):
-        raise ValueError(f"shard file {key} is empty (0 bytes): damaged, not zeros")
+        raise ValueError(f"shard file {key} {what}: damaged, not zeros")
 
 
 def is_remote_failure(exc: BaseException) -> bool:
@@ -936,7 +936,7 @@ class _StrictStore(WrapperStore[Any]):
         if got is None and _CHUNK_KEY.fullmatch(key):
             raise MissingShardError.of(key)
         if got is not None:  # no read of a whole shard, nor of a part of one, is empty
-            _refuse_empty_shard(key, len(got))
+            _refuse_empty_shard(key, len(got), "read as 0 bytes (empty, or shorter than its index says)")
         return got
 
     async def get_partial_values(self, prototype: BufferPrototype,
