@@ -501,16 +501,22 @@ class _Unit:
         c = self.config
         from ia2cache.store import Cache
 
+        # M = 0 is the labelled-only reference: no file (collect reads "--unlabelled 0" with a
+        # file as one row per line), so it is the same cache as a sweep's without a file.
         res = collect(CollectConfig(model=c.model, task=c.task, n=n, seed=seed, dev=c.dev_rows(n),
-                                    store=c.store, unlabelled=self.m, unlabelled_file=c.unlabelled_file,
+                                    store=c.store, unlabelled=self.m,
+                                    unlabelled_file=c.unlabelled_file if self.m else None,
                                     positions=c.positions))
         return Cache.open(res.cache)
 
     def _run_dir(self, n: int, seed: int, name: str) -> Path:
-        """Runs of one (N, seed, M) and cache settings share a folder; ablation caches (other
-        positions) get their own, so that sweeps sharing ``runs`` never meet another cache's run."""
+        """Runs of one (N, seed, M) and cache settings share a folder; caches of other unlabelled
+        queries (a file's, by its content hash) or other positions get their own, so that sweeps
+        sharing ``runs`` never meet another cache's run."""
         root = Path(self.config.runs).expanduser() if self.config.runs else self.out / "adapters"
         unit = f"n{n}-s{seed}" + (f"-u{self.m}" if self.m else "")
+        if self.m and self.plan.get("unlabelled_file"):
+            unit += f"-file{self.plan['unlabelled_file'][:8]}"
         if self.config.positions != "response":
             unit += "-" + self.config.positions.replace("+", "-")
         return root / self.plan["label"] / unit / name
@@ -684,7 +690,8 @@ def sweep(config: SweepConfig, progress: Callable[[Event], None] | None = None) 
                           "status": row["status"], "elapsed": time.perf_counter() - t0})
 
         pdict = {"task": plan.task_name, "eval_task": plan.eval_name, "label": plan.label,
-                 "settings_hash": plan.settings_hash, "model": plan.settings["model"]}
+                 "settings_hash": plan.settings_hash, "model": plan.settings["model"],
+                 "unlabelled_file": plan.settings.get("unlabelled_file")}
         if progress:
             progress({"done": skipped, "total": total, "cell": None, "status": "start", "elapsed": 0.0})
         if config.workers == 1 or len(work) <= 1:

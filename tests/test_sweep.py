@@ -206,6 +206,30 @@ def test_positions_reach_the_caches_and_enter_the_settings_only_when_changed(env
         dataclasses.replace(default, positions="all")
 
 
+def test_sweeps_of_pool_and_file_unlabelled_queries_share_a_runs_folder(env: dict[str, str],
+                                                                        tmp_path: Path) -> None:
+    """M unlabelled queries from the pool or from a file are other caches: their act runs go to
+    their own folders, so neither sweep fails. M = 0 is the same labelled-only cache in both (the
+    file's lines are not read there) and so the same run, reused."""
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text("".join(json.dumps({"input": f"query {i}"}) + "\n" for i in range(6)))
+    runs = str(tmp_path / "runs")
+    common = dict(seeds=(0,), methods=("act",), unlabelled=(0, 4), runs=runs)
+    adapters = {}
+    for name, extra in (("pool", {}), ("file", {"unlabelled_file": str(queries)})):
+        sweep(_small(env, tmp_path / name, **common, **extra))
+        rows = [r for r in read_results(tmp_path / name) if r["method"] == "act"]
+        assert sorted(r["unlabelled"] for r in rows) == [0, 4], rows
+        assert all(r["status"] == "ok" for r in rows), rows
+        adapters[name] = {r["unlabelled"]: r["adapter"] for r in rows}
+    assert adapters["pool"][0] == adapters["file"][0]  # the same cache: one run, reused
+    assert adapters["pool"][4] != adapters["file"][4]
+    from ia2cache.store import Cache
+
+    m0 = json.loads((Path(adapters["file"][0]) / "run.json").read_text())["cache_key"]
+    assert Cache.open(Path(env["store"]) / m0).manifest["n_unlabelled"] == 0
+
+
 def test_more_seeds_or_methods_extend_a_sweep(env: dict[str, str], tmp_path: Path) -> None:
     out = tmp_path / "sw"
     a = _plan_only(_small(env, out, seeds=(0,)), out)
