@@ -132,7 +132,9 @@ class SweepConfig:
     runs: str | None = None
     """Folder for the trained adapters; default <out>/adapters. Sweeps that share one share every
     identical run (distill reuses a finished run of the same settings and cache), e.g. a full-grid
-    check after a --lr-search descend run trains only the rates the first one skipped."""
+    check after a --lr-search descend run trains only the rates the first one skipped. Runs of
+    other caches (model, dev size, unlabelled file, positions) get folders of their own; sweeps
+    with other training settings (budgets, adapter) need their own --runs."""
     workers: int = 1
     """Processes running units at once (one torch thread each on CPU by default)."""
     threads: int | None = None
@@ -177,6 +179,9 @@ class SweepConfig:
             except ValueError:
                 raise IA2Error(f"--dev {self.dev}: a row count 1..100000, or 'half' (N//2)") from None
         parse_shard(self.shard)
+        if self.unlabelled_file and not any(self.unlabelled):
+            raise IA2Error(f"--unlabelled-file {self.unlabelled_file}: give an M > 0 in --unlabelled "
+                           "(M = 0 cells are the labelled-only reference and read no file)")
         check_positions(self.positions)
         self.distill_template(4, 0, "tok", 1e-3)  # the shared training settings are valid
 
@@ -510,15 +515,24 @@ class _Unit:
         return Cache.open(res.cache)
 
     def _run_dir(self, n: int, seed: int, name: str) -> Path:
-        """Runs of one (N, seed, M) and cache settings share a folder; caches of other unlabelled
-        queries (a file's, by its content hash) or other positions get their own, so that sweeps
-        sharing ``runs`` never meet another cache's run."""
-        root = Path(self.config.runs).expanduser() if self.config.runs else self.out / "adapters"
+        """The folder of one run: ``<runs>/<task>/n<N>-s<seed>[-u<M>]`` and the run's name, plus a
+        part for each sweep setting off its default that changes the cache (another model, dev
+        size, unlabelled file or positions), so that sweeps sharing ``runs`` never meet a run of
+        another cache (distill would refuse its folder, and the cell fail). Defaults add nothing:
+        the folders of earlier sweeps keep their names, and their runs are found and reused.
+        (An edited task file under the same name still meets its old runs: the cell fails, naming
+        the cache key.)"""
+        c = self.config
+        root = Path(c.runs).expanduser() if c.runs else self.out / "adapters"
         unit = f"n{n}-s{seed}" + (f"-u{self.m}" if self.m else "")
+        if c.model != "default":
+            unit += f"-model{self.plan['model']['fingerprint'][:8]}"
+        if c.dev_rows(n) != DEFAULT_DEV:
+            unit += f"-dev{c.dev_rows(n)}"
         if self.m and self.plan.get("unlabelled_file"):
             unit += f"-file{self.plan['unlabelled_file'][:8]}"
-        if self.config.positions != "response":
-            unit += "-" + self.config.positions.replace("+", "-")
+        if c.positions != "response":
+            unit += "-" + c.positions.replace("+", "-")
         return root / self.plan["label"] / unit / name
 
     def _choose(self, runs: list[tuple[float, Any]], what: str) -> tuple[float, Any, dict[str, Any]]:

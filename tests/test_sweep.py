@@ -9,6 +9,7 @@ import pytest
 
 import ia2cache.sweep as sweep_mod
 from ia2cache.errors import IA2Error
+from ia2cache.prompts import DEFAULT_DEV
 from ia2cache.report import report
 from ia2cache.sweep import SweepConfig, parse_ints, read_results, select_lr, sweep
 from tests.conftest import write_task
@@ -228,6 +229,30 @@ def test_sweeps_of_pool_and_file_unlabelled_queries_share_a_runs_folder(env: dic
 
     m0 = json.loads((Path(adapters["file"][0]) / "run.json").read_text())["cache_key"]
     assert Cache.open(Path(env["store"]) / m0).manifest["n_unlabelled"] == 0
+
+
+def test_a_dev_half_sweep_shares_a_runs_folder_with_the_default_one(env: dict[str, str],
+                                                                    tmp_path: Path) -> None:
+    """docs/results/rerun.sh's last step: --dev half beside the default dev size, one --runs. The
+    dev rows are part of the cache, so each sweep's runs have their own folder; the default's
+    keep the name they always had (n<N>-s<seed>), so earlier runs are still found."""
+    runs, units, caches = tmp_path / "runs", {}, {}
+    for name, dev in (("default", str(DEFAULT_DEV)), ("half", "half")):
+        sweep(_small(env, tmp_path / name, seeds=(0,), methods=("act",), runs=str(runs), dev=dev))
+        (row,) = [r for r in read_results(tmp_path / name) if r["method"] == "act"]
+        assert row["status"] == "ok", row
+        units[name], caches[name] = Path(row["adapter"]).parent.name, row["cache"]
+    assert caches["default"] != caches["half"]  # 16 dev rows against 2
+    # (This test's model is not the default one: both folders name it.)
+    assert units["default"].startswith("n4-s0-model") and "dev" not in units["default"]
+    assert units["half"] == f"{units['default']}-dev2"
+
+
+def test_an_unlabelled_file_without_an_m_is_refused(env: dict[str, str], tmp_path: Path) -> None:
+    queries = tmp_path / "q.jsonl"
+    queries.write_text(json.dumps({"input": "a"}) + "\n")
+    with pytest.raises(IA2Error, match="--unlabelled-file .*give an M > 0"):
+        _small(env, tmp_path / "x", unlabelled_file=str(queries))
 
 
 def test_more_seeds_or_methods_extend_a_sweep(env: dict[str, str], tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-# Sourced by rerun.sh, rerun_unlabelled.sh and rerun_positions.sh: freeze a copy of the code into $S/$1 (`git archive`
+# Sourced by each rerun*.sh: freeze a copy of the code into $S/$1 (`git archive`
 # of $COMMIT, default the commit that starts it, recorded in $S/$1/COMMIT) so that later edits of
 # the working tree never change a run in flight, then set the environment every run uses.
 # Defines ROOT, S and IA2 (the CLI from that copy); the caller is in $S afterwards.
