@@ -49,6 +49,7 @@ from ia2cache.models import load_model, load_tokenizer
 from ia2cache.padding import pad
 from ia2cache.prompts import (
     DEFAULT_DEV,
+    DEFAULT_POSITIONS,
     PromptConfig,
     PromptPair,
     build_eval_pairs,
@@ -130,7 +131,7 @@ class CollectConfig:
     post-norm on Gemma), resid (layer output), mlp, or mlp_out; per architecture: `collect --help`, README."""
     layers: str = "all"
     """Decoder layers to store: all, or indices and ranges like 0-5,7."""
-    positions: str = "response"
+    positions: str = DEFAULT_POSITIONS
     """response: positions predicting response tokens; query+response: every query token too."""
     dtype: str = "bf16"
     """Stored dtype: bf16 (bit exact as uint16), fp16 (refused on overflow), fp32, or int8 (lossy:

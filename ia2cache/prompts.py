@@ -35,6 +35,8 @@ ICL_DEMOS = ("train", "pool")
 Split = Literal["train", "dev", "eval", "unlabelled"]
 PositionsMode = Literal["response", "query+response"]
 POSITION_MODES: tuple[str, ...] = ("response", "query+response")
+DEFAULT_POSITIONS = POSITION_MODES[0]
+"""The paper's aligned positions: those predicting the response."""
 
 # Independent random streams, so that adding dev rows never changes train rows' demos.
 _STREAM_SELECT, _STREAM_TRAIN, _STREAM_DEV, _STREAM_EVAL, _STREAM_UNLABELLED = 0, 1, 2, 3, 4
@@ -342,5 +344,6 @@ def build_eval_pairs(
 
 __all__ = [
     "PromptConfig", "PromptPair", "PairSet", "build_pairs", "build_eval_pairs", "train_indices",
-    "check_positions", "check_seed", "K_MAX", "DEFAULT_DEV", "ICL_DEMOS", "POSITION_MODES",
+    "check_positions", "check_seed", "K_MAX", "DEFAULT_DEV", "DEFAULT_POSITIONS", "ICL_DEMOS",
+    "POSITION_MODES",
 ]

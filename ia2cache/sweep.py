@@ -47,7 +47,7 @@ from ia2cache.errors import IA2Error
 from ia2cache.evaluate import EvalConfig, evaluate, load_adapter, ood_task
 from ia2cache.objectives import OBJECTIVES, SCHEDULES
 from ia2cache.outputs import OutputLock, claim_output_dir, json_safe
-from ia2cache.prompts import DEFAULT_DEV, ICL_DEMOS, check_positions, check_seed
+from ia2cache.prompts import DEFAULT_DEV, DEFAULT_POSITIONS, ICL_DEMOS, check_positions, check_seed
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class SweepConfig:
     unlabelled_file: str | None = None
     """JSONL of {"input": ...} lines to draw the unlabelled queries from (default: the pool rows
     after train and dev, targets dropped)."""
-    positions: str = "response"
+    positions: str = DEFAULT_POSITIONS
     """Aligned positions of the caches, as ``collect --positions`` (response is the paper's;
     query+response an ablation)."""
     runs: str | None = None
@@ -365,7 +365,7 @@ def _settings(config: SweepConfig, task: Any, target: Any, model_fp: dict[str, s
         from ia2cache.tasks import load_unlabelled
 
         d["unlabelled_file"] = load_unlabelled(config.unlabelled_file)[1]
-    if config.positions != "response":
+    if config.positions != DEFAULT_POSITIONS:
         d["positions"] = config.positions
     return d
 
@@ -459,7 +459,7 @@ class _Unit:
         return self._base
 
     def row(self, n: int, seed: int, method: str) -> dict[str, Any]:
-        ablation = {"positions": self.config.positions} if self.config.positions != "response" else {}
+        ablation = {"positions": self.config.positions} if self.config.positions != DEFAULT_POSITIONS else {}
         return {"task": self.plan["task"], "eval_task": self.plan["eval_task"], "n": n, "seed": seed,
                 "method": method, "settings": self.plan["settings_hash"], "status": "ok",
                 "model": self.plan["model"], "unlabelled": self.m,
@@ -531,7 +531,7 @@ class _Unit:
             unit += f"-dev{c.dev_rows(n)}"
         if self.m and self.plan.get("unlabelled_file"):
             unit += f"-file{self.plan['unlabelled_file'][:8]}"
-        if c.positions != "response":
+        if c.positions != DEFAULT_POSITIONS:
             unit += "-" + c.positions.replace("+", "-")
         return root / self.plan["label"] / unit / name
 
