@@ -4,8 +4,9 @@ Single-token tasks score the next-token distribution after the prompt: accuracy 
 against the target's first token, confidence is the top-1 probability. Multi-token tasks
 generate greedily up to the stop string and compare exact text, or, when the task card names an
 answer parser (``ia2cache.answers``: ``hash`` for ``#### n``, ``boxed`` for ``\\boxed{...}``),
-the parsed answers of response and gold target; confidence is the greedy answer's sequence
-probability. ``ood_task`` builds an out-of-distribution evaluation: queries from one task,
+the parsed answers of response and gold target; confidence is the greedy answer's probability,
+ending where it ends (:func:`answer_confidence`: the answer's tokens, then any token that ends it
+the same way). ``ood_task`` builds an out-of-distribution evaluation: queries from one task,
 demos (and so the ICL teacher) from the training task.
 """
 
@@ -122,6 +123,41 @@ def effective_max_new(task: Task, pairs: list[PromptPair], max_new: int | None =
     return int(max_new or task.card.get("max_new_tokens") or max(len(p.target_ids) for p in pairs) + 4)
 
 
+def answer_ends(tok: Any, stop: str, vocab: int) -> torch.Tensor:
+    """Which of ``vocab`` token ids end an answer without changing it: EOS, and every token whose
+    text holds ``stop`` with only whitespace before it (``"\\n"``, ``"\\n\\n"``, ``" \\n"`` for a
+    ``"\\n"`` stop; not ``".\\n"``, which adds a character). Scoring cuts the answer at the stop
+    and strips it, so after a given answer each of these tokens yields the same answer."""
+    ends = torch.zeros(vocab, dtype=torch.bool)
+    if stop:
+        n = min(vocab, len(tok))
+        texts = tok.batch_decode([[i] for i in range(n)], skip_special_tokens=True)
+        hit = [i for i, t in enumerate(texts) if stop in t and not t.split(stop, 1)[0].strip()]
+        ends[hit] = True
+    if tok.eos_token_id is not None and tok.eos_token_id < vocab:
+        ends[tok.eos_token_id] = True
+    return ends
+
+
+def answer_confidence(step_lp: torch.Tensor, ids: list[int], n_tok: int, ends: torch.Tensor) -> float:
+    """The probability of the greedy answer, ending where it ends: P(its tokens) x P(any token of
+    ``ends`` next). ``step_lp``: (steps, vocab) log-probabilities of the generation steps;
+    ``ids``: the generated tokens; ``n_tok``: the response's length (``response_length``: up to
+    and including the token that ends it).
+
+    Where the answer ends with a token of ``ends`` (EOS, or a stop token alone), that token's
+    own probability is replaced by the mass of every token that ends the answer the same way: a
+    model that splits it between ``"\\n"`` and ``"\\n\\n"`` (or EOS) is as sure of its answer as one
+    that puts it all on one. Where the stop is fused with answer text in one token (``".\\n"``)
+    or nothing ended the answer (cut at the token limit), the generated tokens' probability."""
+    def prob(k: int) -> torch.Tensor:  # of the first k generated tokens
+        return step_lp[torch.arange(k), torch.tensor(ids[:k], dtype=torch.long)].sum().exp()
+
+    if n_tok and ends[ids[n_tok - 1]]:
+        return float(prob(n_tok - 1) * step_lp[n_tok - 1].exp()[ends].sum())
+    return float(prob(max(n_tok, 1)))
+
+
 @torch.no_grad()
 def _score_generate(model: Any, tok: Any, task: Task, pairs: list[PromptPair], mode: str,
                     bs: int, device: torch.device, max_new: int | None = None) -> dict[str, np.ndarray]:
@@ -129,6 +165,7 @@ def _score_generate(model: Any, tok: Any, task: Task, pairs: list[PromptPair], m
     parse = get_parser(task.card["parser"]) if task.card.get("parser") else None
     conf, correct, nll, answers = [], [], [], []
     pad_id = tok.pad_token_id
+    ends: torch.Tensor | None = None
     for start in range(0, len(pairs), bs):
         batch = pairs[start : start + bs]
         seqs = [_prompt(p, mode) for p in batch]
@@ -139,13 +176,14 @@ def _score_generate(model: Any, tok: Any, task: Task, pairs: list[PromptPair], m
             pad_token_id=pad_id,
         )
         new = out.sequences[:, ids.shape[1] :]
-        step_lp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], dim=1)
-        chosen = step_lp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        step_lp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], dim=1).cpu()
+        if ends is None:
+            ends = answer_ends(tok, task.stop, step_lp.shape[-1])
         for i, p in enumerate(batch):
             ids = new[i].tolist()
-            n_tok = response_length(tok, ids, task.stop)
-            if n_tok and ids[n_tok - 1] == tok.eos_token_id:
-                n_tok -= 1  # EOS ends the answer but is not part of it
+            n_resp = response_length(tok, ids, task.stop)
+            eos = n_resp and ids[n_resp - 1] == tok.eos_token_id
+            n_tok = n_resp - 1 if eos else n_resp  # EOS ends the answer but is not part of its text
             text = tok.decode(ids[:n_tok], skip_special_tokens=True)
             if task.stop:
                 text = text.split(task.stop)[0]
@@ -156,7 +194,7 @@ def _score_generate(model: Any, tok: Any, task: Task, pairs: list[PromptPair], m
                 answer = parse(text)
                 answers.append(answer)
                 correct.append(answer is not None and answer == parse(p.target))
-            conf.append(float(chosen[i, : max(n_tok, 1)].sum().exp()))
+            conf.append(answer_confidence(step_lp[i], ids, n_resp, ends))
         # NLL of the gold target, teacher-forced.
         full = [s + list(p.target_ids) for s, p in zip(seqs, batch, strict=True)]
         fids, fmask = pad(full, pad_id)

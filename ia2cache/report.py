@@ -1,12 +1,17 @@
 """Report: paired statistics, the paper-shaped tables and plots from a sweep directory.
 
 First the paired comparisons per (task, N): the mean over data seeds of (a2t - tok) with a 95%
-bootstrap CI and win/tie/loss counts, for accuracy and for ECE, and the same for act vs ICL (the
-teacher it distils). Then how fair the training was: the share of phases the step cap ended
-and of chosen learning rates at an edge of the grid. Then per-metric tables (rows N, columns
-ICL / base / SFT / IA2 / IA2->SFT / IA2+SFT / ..., cells mean +- std over seeds, ddof=1) and
-plots: accuracy and ECE vs N (error bars: std, ddof=1), one reliability diagram per method, and
-dev-loss curves of one cell per method. Every table header says how much labelled data a cell
+paired Student-t CI, a 95% percentile bootstrap CI, an exact two-sided paired sign-flip p-value
+and win/tie/loss counts, for accuracy and for ECE, and the same for act vs ICL (the teacher it
+distils), a2t vs ICL and tna vs tok. A difference is starred (``claim`` in report.json) only with
+at least ``MIN_SEEDS_FOR_CLAIM`` seeds and a t CI that excludes 0. Then how fair the training
+was: the share of chosen phases the step cap ended, of chosen learning rates at an edge of the
+grid, and of chosen phases still improving when early stopping ended them (each chosen phase
+counted once overall: a2t's first phase is act's chosen run). Then per-metric tables (rows N,
+columns ICL / base / SFT / IA2 / IA2->SFT / IA2+SFT / ..., cells mean +- std over seeds, ddof=1;
+a footnote names each column's seeds where a row's columns used different seeds) and plots:
+accuracy and ECE vs N (error bars: std, ddof=1), one reliability diagram per method, and dev-loss
+curves of one cell per method. Every table header says how much labelled data a cell
 used ("N train + D dev") and where the ICL column's demos come from. When ``<DIR>/analysis/``
 holds ``ia2cache analyze`` outputs, their tables and plots follow.
 
@@ -15,13 +20,15 @@ Launch: ``ia2cache report DIR``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import mpmath
 import numpy as np
 
 from ia2cache._io import write_json_atomic
@@ -37,6 +44,22 @@ PAIRS: tuple[tuple[str, str], ...] = (("a2t", "tok"), ("act", "icl"), ("a2t", "i
 """(method, baseline) pairs compared seed by seed; the first is the paper's headline."""
 BOOTSTRAP = 10_000
 """Bootstrap resamples for the paired CIs (seeded: the report is reproducible)."""
+MIN_SEEDS_FOR_CLAIM = 5
+"""A paired difference is starred (a claim) only with at least this many seeds and a 95% t CI
+that excludes 0: the project's rule for a headline claim."""
+SIGNFLIP_EXACT_MAX = 16
+"""Up to this many seeds the sign-flip p enumerates all 2^n sign patterns; beyond, Monte Carlo."""
+SIGNFLIP_MC = 100_000
+"""Random sign patterns for the Monte Carlo sign-flip p (seeded)."""
+_STATS_NOTE = (
+    "Δ: mean over seeds of the paired difference; t CI: 95% paired Student-t interval, mean ± "
+    "t(0.975, n−1)·sd/√n (sd ddof=1; none with one seed); bootstrap CI: 95% percentile bootstrap, "
+    f"{BOOTSTRAP} resamples; p: two-sided paired sign-flip p, exact over all 2^n sign patterns up to "
+    f"n = {SIGNFLIP_EXACT_MAX} seeds (with {MIN_SEEDS_FOR_CLAIM} seeds no sign-flip p is below "
+    f"2/{2 ** MIN_SEEDS_FOR_CLAIM} = {2 / 2 ** MIN_SEEDS_FOR_CLAIM:g}); *: at least {MIN_SEEDS_FOR_CLAIM} "
+    "seeds and the t CI excludes 0; W/T/L: seeds where the first is better / equal / worse; ECE "
+    "lower is better")
+"""What the paired tables' columns and star mean (each paired table's header says it)."""
 METRICS = {"accuracy": "accuracy", "ece_equal_mass": "ECE, 15 equal-mass bins",
            "ece_equal_width": "ECE, 15 equal-width bins"}
 LOWER_IS_BETTER = {"ece_equal_mass", "ece_equal_width"}
@@ -67,6 +90,72 @@ def bootstrap_ci(diffs: Sequence[float], n_boot: int = BOOTSTRAP, seed: int = 0,
     return float(d.mean()), float(lo), float(hi)
 
 
+@functools.lru_cache(maxsize=256)
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom, exactly (mpmath, 30
+    digits): the root in t of the upper tail P(T > t) = I_{df/(df+t^2)}(df/2, 1/2) / 2 (the
+    regularized incomplete beta), bracketed by doubling and found by ``mpmath.findroot``.
+
+    Raises:
+        ValueError: ``p`` outside (0, 1) or ``df`` < 1.
+    """
+    if not 0.0 < p < 1.0 or df < 1:
+        raise ValueError(f"t_quantile: need 0 < p < 1 and df >= 1, got p={p}, df={df}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    if p == 0.5:
+        return 0.0
+    with mpmath.workdps(30):
+        nu, tail = mpmath.mpf(df), 1 - mpmath.mpf(p)
+
+        def upper(t: Any) -> Any:
+            return mpmath.betainc(nu / 2, mpmath.mpf(1) / 2, 0, nu / (nu + t * t), regularized=True) / 2
+
+        lo, hi = mpmath.mpf(0), mpmath.mpf(1)
+        while upper(hi) > tail:
+            lo, hi = hi, hi * 2
+        return float(mpmath.findroot(lambda t: upper(t) - tail, (lo, hi), solver="anderson"))
+
+
+def t_ci(diffs: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean of ``diffs`` and its paired Student-t CI: mean ± t_{(1+level)/2, n-1} · sd / √n (sd
+    with ddof=1). One value gives no interval (nan bounds); equal values a zero-width one."""
+    d = np.asarray(diffs, dtype=float)
+    if d.size == 0:
+        return math.nan, math.nan, math.nan
+    mean = float(d.mean())
+    if d.size < 2:
+        return mean, math.nan, math.nan
+    half = t_quantile((1 + level) / 2, d.size - 1) * float(np.std(d, ddof=1)) / math.sqrt(d.size)
+    return mean, mean - half, mean + half
+
+
+def signflip_p(diffs: Sequence[float], exact_max: int = SIGNFLIP_EXACT_MAX, n_mc: int = SIGNFLIP_MC,
+               seed: int = 0) -> float:
+    """Two-sided paired sign-flip (randomisation) p-value of the mean of ``diffs``: under the null
+    each seed's difference is as likely negated, so p is the share of the 2^n sign patterns whose
+    |sum| reaches the observed |sum| (float ties within 1e-9 relative count). Exact for n <=
+    ``exact_max``: with n seeds no p is below 2/2^n (the observed pattern and its negation).
+    Beyond, ``n_mc`` random patterns (numpy PCG64, ``seed``) give (1 + hits) / (1 + n_mc)."""
+    d = np.asarray(diffs, dtype=float)
+    if d.size == 0:
+        return math.nan
+    observed = abs(float(d.sum()))
+    tol = 1e-9 * max(1.0, float(np.abs(d).sum()))
+    if d.size <= exact_max:
+        bits = (np.arange(2**d.size)[:, None] >> np.arange(d.size)) & 1
+        sums = (1 - 2 * bits) @ d
+        return float(np.mean(np.abs(sums) >= observed - tol))
+    rng = np.random.Generator(np.random.PCG64(seed))
+    hits, done = 0, 0
+    while done < n_mc:
+        k = min(10_000, n_mc - done)
+        signs = 1 - 2 * rng.integers(0, 2, size=(k, d.size))
+        hits += int((np.abs(signs @ d) >= observed - tol).sum())
+        done += k
+    return (1 + hits) / (1 + n_mc)
+
+
 def win_tie_loss(diffs: Sequence[float], lower_is_better: bool = False,
                  tol: float = 1e-12) -> tuple[int, int, int]:
     """Seeds where the method beats, ties or loses to the baseline (a difference within ``tol``
@@ -95,9 +184,13 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, dict[int, dict[str, dict[
 
 def paired(rows: list[dict[str, Any]], method: str, baseline: str, metric: str,
            task: str, n: int, m: int = 0) -> dict[str, Any] | None:
-    """(method - baseline) per seed for one task and N: the seeds, the mean, the 95% bootstrap CI
-    and win/tie/loss; None when no seed has both. ``m``: the method's rows with M unlabelled
-    rows (the baseline's are always M=0's: it reads none)."""
+    """(method - baseline) per seed for one task and N; None when no seed has both. ``m``: the
+    method's rows with M unlabelled rows (the baseline's are always M=0's: it reads none).
+
+    Returns the seeds, the diffs, their mean, ``ci95`` (the 95% percentile bootstrap CI),
+    ``ci95_t`` (the 95% paired t CI; None with one seed), ``p_signflip`` (two-sided paired
+    sign-flip p), ``claim`` (at least ``MIN_SEEDS_FOR_CLAIM`` seeds and ``ci95_t`` excludes 0)
+    and win/tie/loss."""
     by = {(r["method"], r["seed"]): r.get(metric) for r in rows if r["task"] == task and r["n"] == n
           and r.get("unlabelled", 0) == (m if r["method"] == method else 0)}
     seeds = sorted(s for (m, s), v in by.items() if m == method and v is not None
@@ -106,9 +199,13 @@ def paired(rows: list[dict[str, Any]], method: str, baseline: str, metric: str,
         return None
     diffs = [by[(method, s)] - by[(baseline, s)] for s in seeds]
     mean, lo, hi = bootstrap_ci(diffs)
+    _, t_lo, t_hi = t_ci(diffs)
+    ci_t = None if math.isnan(t_lo) else [t_lo, t_hi]
+    claim = len(seeds) >= MIN_SEEDS_FOR_CLAIM and ci_t is not None and (t_lo > 0 or t_hi < 0)
     w, t, lose = win_tie_loss(diffs, metric in LOWER_IS_BETTER)
     return {"task": task, "n": n, "method": method, "baseline": baseline, "metric": metric, "seeds": seeds,
-            "diffs": diffs, "mean": mean, "ci95": [lo, hi], "win": w, "tie": t, "loss": lose}
+            "diffs": diffs, "mean": mean, "ci95": [lo, hi], "ci95_t": ci_t, "p_signflip": signflip_p(diffs),
+            "claim": claim, "win": w, "tie": t, "loss": lose}
 
 
 def _data_note(rows: list[dict[str, Any]], task: str) -> str:
@@ -133,45 +230,71 @@ def paired_markdown(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any
             if not any(v for _, d in per_n for v in d.values()):
                 continue
             lines.append(f"**{task}: {COLUMNS.get(method, method)} − {COLUMNS.get(base, base)}, paired over "
-                         f"seeds** ({_data_note(rows, task)}; 95% bootstrap CI, {BOOTSTRAP} resamples; "
-                         "W/T/L: seeds where the first is better / equal / worse; ECE lower is better)\n")
-            lines.append("| N | seeds | Δ accuracy [95% CI] | W/T/L | Δ ECE equal-mass [95% CI] | W/T/L |")
-            lines.append("|---|---|---|---|---|---|")
+                         f"seeds** ({_data_note(rows, task)}; {_STATS_NOTE})\n")
+            lines.append(f"| N | seeds | {_paired_head('Δ accuracy')} | {_paired_head('Δ ECE equal-mass')} |")
+            lines.append("|---|---|" + "---|" * 10)
             for n, d in per_n:
                 acc, ece = d["accuracy"], d["ece_equal_mass"]
                 if acc is None and ece is None:
                     continue
                 stats += [x for x in (acc, ece) if x is not None]
                 seeds = len((acc or ece or {}).get("seeds", []))
-                lines.append(f"| {n} | {seeds} | {_ci(acc)} | {_wtl(acc)} | {_ci(ece)} | {_wtl(ece)} |")
+                lines.append(f"| {n} | {seeds} | {_paired_cells(acc)} | {_paired_cells(ece)} |")
             lines.append("")
     return "\n".join(lines), stats
 
 
-def _ci(p: dict[str, Any] | None) -> str:
+def _paired_head(what: str) -> str:
+    return f"{what} | 95% t CI | 95% bootstrap CI | p (sign-flip) | W/T/L"
+
+
+def _paired_cells(p: dict[str, Any] | None) -> str:
+    """Five cells of a paired table: Δ (starred when ``claim``), t CI, bootstrap CI, p, W/T/L."""
     if p is None:
-        return "–"
+        return " | ".join(["–"] * 5)
     lo, hi = p["ci95"]
-    sign = "" if (lo <= 0 <= hi) else " *"
-    return f"{p['mean']:+.3f} [{lo:+.3f}, {hi:+.3f}]{sign}"
+    t = "–" if p.get("ci95_t") is None else f"[{p['ci95_t'][0]:+.3f}, {p['ci95_t'][1]:+.3f}]"
+    star = " *" if p.get("claim") else ""
+    return (f"{p['mean']:+.3f}{star} | {t} | [{lo:+.3f}, {hi:+.3f}] | {p['p_signflip']:.4g} | "
+            f"{p['win']}/{p['tie']}/{p['loss']}")
 
 
-def _wtl(p: dict[str, Any] | None) -> str:
-    return "–" if p is None else f"{p['win']}/{p['tie']}/{p['loss']}"
+def fairness(rows: list[dict[str, Any]], eval_every: Mapping[str, int] | int | None = None) -> dict[str, Any]:
+    """How often the step cap ended a phase, how often a chosen lr sits at a grid edge, and how
+    often a chosen phase was still improving when early stopping ended it.
 
+    Over the chosen runs (the phases behind the reported rows), per method (a two-phase method's
+    column counts both its phases); their ``overall`` counts each distinct chosen phase once: a
+    two-phase method's first phase is its FIRST_PHASE method's chosen run (a2t's phase 1 is act's),
+    keyed by (task, eval task, N, seed, M, settings, who, phase). And over every run trained (each
+    lr tried for each phase, as the rows record them).
 
-def fairness(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """How often the step cap ended a phase, and how often a chosen lr sits at a grid edge.
-
-    Over the chosen runs (the phases behind the reported rows), per method; and over every run
-    trained (each lr tried for each phase, as the rows record them)."""
+    Still improving (``improving_chosen``): a chosen phase the cap did not end whose best step is
+    its last evaluation (``steps_run - best_step < eval_every``): patience ran out on improvements
+    smaller than min_delta while the dev loss still fell. ``eval_every``: one value, or per sweep
+    settings hash (a row's ``settings``); where unknown, only ``best_step == steps_run`` counts."""
     chosen: dict[str, list[bool]] = defaultdict(list)
     edge: dict[str, list[bool]] = defaultdict(list)
+    improving: dict[str, list[bool]] = defaultdict(list)
+    distinct: dict[str, dict[tuple[Any, ...], bool]] = {"capped": {}, "edge": {}, "improving": {}}
     for r in rows:
-        for c in r.get("capped") or []:
-            chosen[r["method"]].append(bool(c))
-        for e in r.get("lr_edge") or []:
-            edge[r["method"]].append(bool(e))
+        capped = [bool(c) for c in r.get("capped") or []]
+        edges = [bool(e) for e in r.get("lr_edge") or []]
+        every = eval_every.get(r.get("settings"), 1) if isinstance(eval_every, Mapping) else (eval_every or 1)
+        best, ran = r.get("best_step") or [], r.get("steps_run") or []
+        still = []
+        if len(best) == len(ran) == len(capped):
+            still = [not c and b is not None and s is not None and s - b < every
+                     for c, b, s in zip(capped, best, ran, strict=True)]
+        two = max(len(capped), len(edges)) > 1
+        for name, flags, per in (("capped", capped, chosen), ("edge", edges, edge),
+                                 ("improving", still, improving)):
+            for i, flag in enumerate(flags):
+                per[r["method"]].append(flag)
+                who = FIRST_PHASE.get(r["method"], r["method"]) if i == 0 and two else r["method"]
+                key = (r["task"], r.get("eval_task", r["task"]), r["n"], r["seed"], r.get("unlabelled", 0),
+                       r.get("settings"), who, i)
+                distinct[name].setdefault(key, flag)
     everything: dict[str, list[bool]] = defaultdict(list)
     seen: set[tuple[Any, ...]] = set()
     for r in rows:  # every lr each phase trained; a2t's phase 1 is its act cell's, counted once
@@ -184,22 +307,31 @@ def fairness(rows: list[dict[str, Any]]) -> dict[str, Any]:
                     seen.add(key)
                     everything[who].append(bool(run["capped"]))
 
-    def frac(d: dict[str, list[bool]]) -> dict[str, Any]:
-        allv = [x for v in d.values() for x in v]
+    def frac(d: dict[str, list[bool]], overall: list[bool] | None = None) -> dict[str, Any]:
+        allv = [x for v in d.values() for x in v] if overall is None else overall
         return {"overall": [sum(allv), len(allv)], **{k: [sum(v), len(v)] for k, v in sorted(d.items())}}
 
-    return {"capped_chosen": frac(chosen), "lr_edge_chosen": frac(edge), "capped_all_runs": frac(everything)}
+    return {"capped_chosen": frac(chosen, list(distinct["capped"].values())),
+            "lr_edge_chosen": frac(edge, list(distinct["edge"].values())),
+            "improving_chosen": frac(improving, list(distinct["improving"].values())),
+            "capped_all_runs": frac(everything)}
 
 
 def _fairness_md(f: dict[str, Any]) -> str:
     def pct(x: list[int]) -> str:
         return f"{x[0]}/{x[1]} ({100 * x[0] / x[1]:.0f}%)" if x[1] else "–"
 
-    lines = ["**How the budgets and the grid bound** (capped: the step cap, not early stopping, ended the "
-             "phase; edge: the chosen lr is the smallest or largest of the grid)\n",
+    lines = ["**How the budgets and the grid bound** (chosen phases; capped: the step cap, not early "
+             "stopping, ended the phase; edge: the chosen lr is the smallest or largest of the grid; still "
+             "improving: not capped, but the best dev loss was at the last evaluation, so patience ran out "
+             "on improvements below min_delta while the loss still fell; overall counts each distinct phase "
+             "once (a2t's first phase is act's chosen run), a method's column all its phases)\n",
              "| | overall | " + " | ".join(k for k in f["capped_chosen"] if k != "overall") + " |",
              "|---|---|" + "---|" * (len(f["capped_chosen"]) - 1)]
-    for key, title in (("capped_chosen", "capped, chosen runs"), ("lr_edge_chosen", "lr at a grid edge")):
+    for key, title in (("capped_chosen", "capped, chosen runs"), ("lr_edge_chosen", "lr at a grid edge"),
+                       ("improving_chosen", "still improving when stopped")):
+        if key not in f:
+            continue
         keys = [k for k in f["capped_chosen"] if k != "overall"]
         lines.append(f"| {title} | {pct(f[key]['overall'])} | "
                      + " | ".join(pct(f[key].get(k, [0, 0])) for k in keys) + " |")
@@ -210,8 +342,22 @@ def _fairness_md(f: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _column_seeds(rows: list[dict[str, Any]], task: str, n: int, metric: str,
+                  methods: Sequence[str]) -> dict[str, list[int]]:
+    """The seeds each method's cell of one table row averages (``base`` left out: it does not
+    depend on N or seed); methods with no value are left out."""
+    seeds: dict[str, set[int]] = defaultdict(set)
+    for r in rows:
+        if r["task"] == task and r["n"] == n and r["method"] != "base" and r.get(metric) is not None:
+            seeds[r["method"]].add(r["seed"])
+    return {m: sorted(seeds[m]) for m in methods if seeds.get(m)}
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """Per-metric tables: rows N, columns the methods, cells mean ± std (ddof=1) over seeds."""
+    """Per-metric tables: rows N, columns the methods, cells mean ± std (ddof=1) over seeds.
+
+    Where the columns of one row averaged different seeds (a failed or missing cell), the row's N
+    is marked † and a footnote under the table names each column's seeds."""
     summary = summarize(rows)
     methods = [m for m in COLUMNS if any(r["method"] == m for r in rows)]
     lines: list[str] = []
@@ -221,9 +367,19 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             lines.append(f"**{task}: {title}** (mean ± std over seeds {seeds}; {_data_note(rows, task)})\n")
             lines.append("| N | " + " | ".join(COLUMNS[m] for m in methods) + " |")
             lines.append("|---|" + "---|" * len(methods))
+            notes: list[str] = []
             for n in sorted(by_n):
                 cells = [_fmt(by_n[n].get(m, {}).get(metric, [])) for m in methods]
-                lines.append(f"| {n} | " + " | ".join(cells) + " |")
+                used = _column_seeds(rows, task, n, metric, methods)
+                mark = ""
+                if len({tuple(v) for v in used.values()}) > 1:
+                    mark = " †"
+                    notes.append(f"† N={n}: the columns averaged different seeds: "
+                                 + "; ".join(f"{COLUMNS[m]} {v}" for m, v in used.items()) + ".")
+                lines.append(f"| {n}{mark} | " + " | ".join(cells) + " |")
+            if notes:
+                lines.append("")
+                lines += notes
             lines.append("")
     return "\n".join(lines)
 
@@ -364,10 +520,10 @@ def unlabelled_section(rows: list[dict[str, Any]],
         for method, base in (("a2t", "tok"), ("act", "icl")):
             lines.append(f"**{task}: {COLUMNS[method]} with M unlabelled rows − {COLUMNS[base]}, paired "
                          f"over seeds** ({_data_note(rows, task)}; the baseline reads no unlabelled rows; "
-                         "95% bootstrap CI; W/T/L)\n")
-            lines.append("| N | M (distinct queries) | seeds | Δ accuracy [95% CI] | W/T/L | "
-                         "Δ ECE [95% CI] | W/T/L |")
-            lines.append("|---|---|---|---|---|---|---|")
+                         f"{_STATS_NOTE})\n")
+            lines.append("| N | M (distinct queries) | seeds | " + _paired_head("Δ accuracy") + " | "
+                         + _paired_head("Δ ECE") + " |")
+            lines.append("|---|---|---|" + "---|" * 10)
             for n in ns:
                 for m in ms:
                     acc = paired(rows, method, base, "accuracy", task, n, m)
@@ -375,8 +531,8 @@ def unlabelled_section(rows: list[dict[str, Any]],
                     if acc is None:
                         continue
                     stats += [dict(x, unlabelled=m) for x in (acc, ece) if x is not None]
-                    lines.append(f"| {n} | {m} ({distinct.get(m, m)}) | {len(acc['seeds'])} | {_ci(acc)} | "
-                                 f"{_wtl(acc)} | {_ci(ece)} | {_wtl(ece)} |")
+                    lines.append(f"| {n} | {m} ({distinct.get(m, m)}) | {len(acc['seeds'])} | "
+                                 f"{_paired_cells(acc)} | {_paired_cells(ece)} |")
             lines.append("")
         path = _unlabelled_plot(mine, task, ns, ms, folder)
         pngs.append(path)
@@ -442,6 +598,21 @@ def _model_banner(rows: list[dict[str, Any]], folder: Path) -> str:
     return "\n\n".join(lines) + "\n\n"
 
 
+def _eval_every(folder: Path) -> dict[str, int]:
+    """Each sweep's ``eval_every`` by its settings hash (the ``settings`` its rows carry), from
+    the ``sweep-<task>.json`` files; a file that does not say is skipped."""
+    found: dict[str, int] = {}
+    for f in sorted(folder.glob("sweep-*.json")):
+        try:
+            plan = json.loads(f.read_text(encoding="utf-8"))
+            every = plan["settings"]["eval_every"]
+            if isinstance(every, int) and every > 0:
+                found[str(plan["settings_hash"])] = every
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
 def _labelled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Cells scored on another task (``sweep --eval-task``) are shown as ``train->eval``."""
     return [dict(r, task=f"{r['task']}->{r['eval_task']}") if r.get("eval_task") not in (None, r["task"])
@@ -467,7 +638,7 @@ def report(folder: str | Path) -> dict[str, Any]:
     with_m = [r for r in shown if r.get("unlabelled", 0)]
     shown = [r for r in shown if not r.get("unlabelled", 0)]  # the main tables: no unlabelled rows
     paired_md, stats = paired_markdown(shown)
-    fair = fairness(rows)
+    fair = fairness(rows, _eval_every(out))
     failed = read_results(out, failed=True)
     md = _model_banner(rows, out) + "## Paired comparisons\n\n" + paired_md + "\n" + _fairness_md(fair)
     md += "\n## Per-method tables\n\n"

@@ -15,6 +15,8 @@ from ia2cache.evaluate import (
     EvalConfig,
     _score_generate,
     agreement_rate,
+    answer_confidence,
+    answer_ends,
     effective_max_new,
     evaluate,
     load_adapter,
@@ -211,3 +213,84 @@ def test_eval_model_help_is_one_clear_sentence() -> None:
     text = next(p.help for p in cmd.params if p.name == "model")
     assert "default and required" not in text and "(when not given)" not in text
     assert "With --adapter: default the adapter's own base model" in text
+
+
+class _Vocab:
+    """A tokenizer of single-token texts: what answer_ends reads (special tokens decode to "")."""
+
+    def __init__(self, texts: list[str], eos: int | None) -> None:
+        self.texts, self.eos_token_id = texts, eos
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def batch_decode(self, seqs: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        return ["".join(self.texts[i] for i in s) for s in seqs]
+
+
+#            0    1     2       3      4      5    6 (EOS)
+_TEXTS = ["a", "\n", "\n\n", " \n", ".\n", "b", ""]
+
+
+def test_answer_ends_are_eos_and_the_stop_after_whitespace_only() -> None:
+    ends = answer_ends(_Vocab(_TEXTS, eos=6), "\n", vocab=9)  # the model's vocab may exceed the tokenizer's
+    assert ends.tolist() == [False, True, True, True, False, False, True, False, False]
+    assert answer_ends(_Vocab(_TEXTS, eos=6), "", vocab=7).tolist() == [False] * 6 + [True]
+    assert answer_ends(_Vocab(_TEXTS, eos=None), "\n\n", vocab=7).tolist() == [
+        False, False, True, False, False, False, False]
+
+
+def _steps(rows: list[dict[int, float]], vocab: int = 7) -> torch.Tensor:
+    """Log-probabilities of generation steps from {token: probability} (the rest spread evenly)."""
+    out = torch.empty(len(rows), vocab)
+    for i, r in enumerate(rows):
+        rest = (1 - sum(r.values())) / (vocab - len(r))
+        out[i] = torch.tensor([r.get(t, rest) for t in range(vocab)]).log()
+    return out
+
+
+def test_answer_confidence_counts_every_way_of_ending_the_same_answer() -> None:
+    """P(answer) x P(it ends there): 0.5 x (0.3 + 0.2 + 0.05 + 0.1), whichever terminator the
+    greedy pass happened to take; a stop fused with text, or no end, is the tokens' product."""
+    ends = answer_ends(_Vocab(_TEXTS, eos=6), "\n", vocab=7)
+    lp = _steps([{0: 0.5, 5: 0.3}, {1: 0.3, 2: 0.2, 3: 0.05, 6: 0.1, 0: 0.3}, {1: 0.9}])
+    want = 0.5 * (0.3 + 0.2 + 0.05 + 0.1)
+    for last in (1, 2, 3, 6):  # "\n", "\n\n", " \n", EOS
+        assert answer_confidence(lp, [0, last, 1], 2, ends) == pytest.approx(want, rel=1e-5)
+    assert answer_confidence(lp, [0, 4, 1], 2, ends) == pytest.approx(0.5 * lp[1, 4].exp().item(), rel=1e-5)
+    assert answer_confidence(lp, [0, 0, 5], 3, ends) == pytest.approx(
+        0.5 * 0.3 * lp[2, 5].exp().item(), rel=1e-5)  # cut at the token limit
+    # An answer that is only its end (an empty answer) is as sure as the end is.
+    assert answer_confidence(lp, [6, 1, 1], 1, ends) == pytest.approx(
+        lp[0, ends].exp().sum().item(), rel=1e-5)
+
+
+def test_generated_confidence_is_the_answer_then_any_end(tiny_tok: Any, tiny_model: Any,
+                                                         tmp_path: Path) -> None:
+    """Through _score_generate: on an eval row whose greedy output starts with two different
+    tokens, with the stop set to the second one's text, the answer is the first token and its
+    confidence is P(first token) x the mass of every token that ends it, by hand."""
+    task = _multi_task(tmp_path, {})
+    found = None
+    with torch.no_grad():
+        for pair in build_eval_pairs(task, tiny_tok, k=0, seed=0, n_eval=20):
+            prompt = list(pair.student_ids)
+            p1 = tiny_model(input_ids=torch.tensor([prompt])).logits[0, -1].float().softmax(-1)
+            t1 = int(p1.argmax())
+            p2 = tiny_model(input_ids=torch.tensor([prompt + [t1]])).logits[0, -1].float().softmax(-1)
+            t2 = int(p2.argmax())
+            stop = tiny_tok.decode([t2])
+            if stop.strip() and stop not in tiny_tok.decode([t1]) and t1 != tiny_tok.eos_token_id:
+                found = pair, p1, t1, p2, t2, stop
+                break
+    assert found is not None, "no eval row of the tiny model has the case under test"
+    pair, p1, t1, p2, t2, stop = found
+    task = dataclasses.replace(task, stop=stop)
+    ends = answer_ends(tiny_tok, stop, p2.shape[-1])
+    assert ends[t2] and not ends[t1]
+    dev = next(tiny_model.parameters()).device
+    got = _score_generate(tiny_model, tiny_tok, task, [pair], "base", 1, dev, 4)
+    assert got["answers"][0] == tiny_tok.decode([t1]).strip()
+    assert got["confidence"][0] == pytest.approx(float(p1[t1] * p2[ends].sum()), rel=1e-4)
+    # EOS always ends an answer, so the mass counted exceeds the greedy end token's alone.
+    assert got["confidence"][0] > float(p1[t1] * p2[t2])
