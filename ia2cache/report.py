@@ -302,7 +302,8 @@ def fairness(rows: list[dict[str, Any]], eval_every: Mapping[str, int] | int | N
         for i, phase_runs in enumerate(phases):
             who = FIRST_PHASE.get(r["method"], r["method"]) if i == 0 and len(phases) > 1 else r["method"]
             for run in phase_runs:
-                key = (r["task"], r["n"], r["seed"], who, run["lr"])
+                key = (r["task"], r.get("eval_task", r["task"]), r["n"], r["seed"], r.get("unlabelled", 0),
+                       r.get("settings"), who, i, run["lr"])
                 if key not in seen:
                     seen.add(key)
                     everything[who].append(bool(run["capped"]))

@@ -241,6 +241,17 @@ def test_fairness_counts_a2t_first_phase_once_overall() -> None:
     assert fairness(more)["lr_edge_chosen"]["overall"] == [4, 8]
 
 
+def test_fairness_all_runs_keeps_runs_of_other_m_and_settings_apart() -> None:
+    """Every run trained: the same (task, N, seed, method, lr) with another M or other sweep
+    settings is another run; a2t's phase 1 is still its act cell's."""
+    run = {"lr": 0.001, "capped": True}
+    act = {"task": "t", "n": 4, "seed": 0, "settings": "h", "method": "act", "runs": [[run]]}
+    a2t = dict(act, method="a2t", runs=[[run], [dict(run, capped=False)]])
+    rows = [act, a2t, dict(act, unlabelled=64), dict(act, settings="h2")]
+    f = fairness(rows)["capped_all_runs"]
+    assert f["act"] == [3, 3] and f["a2t"] == [0, 1] and f["overall"] == [3, 4]
+
+
 def test_fairness_still_improving_count() -> None:
     f = fairness(_phase_rows(), eval_every=10)
     # act/a2t phase 1: 100 - 95 < 10; tok: best at its last step; a2t phase 2: 30 steps after; tna: capped
