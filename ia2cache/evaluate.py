@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import time
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -123,39 +124,62 @@ def effective_max_new(task: Task, pairs: list[PromptPair], max_new: int | None =
     return int(max_new or task.card.get("max_new_tokens") or max(len(p.target_ids) for p in pairs) + 4)
 
 
+_ENDS: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], torch.Tensor]] = weakref.WeakKeyDictionary()
+"""answer_ends per tokenizer (while it lives), stop and vocabulary size: decoding a whole
+vocabulary costs about 1 s for SmolLM2's 49k tokens and 4 s for Gemma 3's 262k."""
+
+
 def answer_ends(tok: Any, stop: str, vocab: int) -> torch.Tensor:
     """Which of ``vocab`` token ids end an answer without changing it: EOS, and every token whose
     text holds ``stop`` with only whitespace before it (``"\\n"``, ``"\\n\\n"``, ``" \\n"`` for a
     ``"\\n"`` stop; not ``".\\n"``, which adds a character). Scoring cuts the answer at the stop
-    and strips it, so after a given answer each of these tokens yields the same answer."""
-    ends = torch.zeros(vocab, dtype=torch.bool)
-    if stop:
-        n = min(vocab, len(tok))
-        texts = tok.batch_decode([[i] for i in range(n)], skip_special_tokens=True)
-        hit = [i for i, t in enumerate(texts) if stop in t and not t.split(stop, 1)[0].strip()]
-        ends[hit] = True
-    if tok.eos_token_id is not None and tok.eos_token_id < vocab:
-        ends[tok.eos_token_id] = True
-    return ends
+    and strips it, so after a given answer each of these tokens yields the same answer. Cached
+    per tokenizer, stop and vocab (read-only: do not modify the returned mask)."""
+    try:
+        known = _ENDS.setdefault(tok, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: not cached
+        known = {}
+    if (stop, vocab) not in known:
+        ends = torch.zeros(vocab, dtype=torch.bool)
+        if stop:
+            n = min(vocab, len(tok))
+            texts = tok.batch_decode([[i] for i in range(n)], skip_special_tokens=True)
+            hit = [i for i, t in enumerate(texts) if stop in t and not t.split(stop, 1)[0].strip()]
+            ends[hit] = True
+        if tok.eos_token_id is not None and tok.eos_token_id < vocab:
+            ends[tok.eos_token_id] = True
+        known[(stop, vocab)] = ends
+    return known[(stop, vocab)]
 
 
-def answer_confidence(step_lp: torch.Tensor, ids: list[int], n_tok: int, ends: torch.Tensor) -> float:
+def generation_scores(step_lp: torch.Tensor, new: torch.Tensor, ends: torch.Tensor,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """From (batch, steps, vocab) log-probabilities of a generation and its (batch, steps) tokens
+    ``new``: each step's log-probability of the token taken, and each step's probability of
+    ending the answer (the mass on ``ends``), both (batch, steps) on the CPU. Computed where
+    ``step_lp`` lives, so that only these two small tensors leave a GPU."""
+    chosen = step_lp.gather(-1, new.unsqueeze(-1)).squeeze(-1)
+    end_mass = torch.logsumexp(step_lp[..., ends.to(step_lp.device)], dim=-1).exp()
+    return chosen.cpu(), end_mass.cpu()
+
+
+def answer_confidence(chosen_lp: torch.Tensor, end_mass: torch.Tensor, ids: list[int], n_resp: int,
+                      ends: torch.Tensor) -> float:
     """The probability of the greedy answer, ending where it ends: P(its tokens) x P(any token of
-    ``ends`` next). ``step_lp``: (steps, vocab) log-probabilities of the generation steps;
-    ``ids``: the generated tokens; ``n_tok``: the response's length (``response_length``: up to
-    and including the token that ends it).
+    ``ends`` next). ``chosen_lp``, ``end_mass``: one row of :func:`generation_scores`; ``ids``:
+    the generated tokens; ``n_resp``: the response's length (``response_length``: up to and
+    including the token that ends it).
 
     Where the answer ends with a token of ``ends`` (EOS, or a stop token alone), that token's
     own probability is replaced by the mass of every token that ends the answer the same way: a
     model that splits it between ``"\\n"`` and ``"\\n\\n"`` (or EOS) is as sure of its answer as one
-    that puts it all on one. Where the stop is fused with answer text in one token (``".\\n"``)
-    or nothing ended the answer (cut at the token limit), the generated tokens' probability."""
-    def prob(k: int) -> torch.Tensor:  # of the first k generated tokens
-        return step_lp[torch.arange(k), torch.tensor(ids[:k], dtype=torch.long)].sum().exp()
-
-    if n_tok and ends[ids[n_tok - 1]]:
-        return float(prob(n_tok - 1) * step_lp[n_tok - 1].exp()[ends].sum())
-    return float(prob(max(n_tok, 1)))
+    that puts it all on one. Where the stop is fused with answer text in one token (``".\\n"``),
+    where it spans two tokens (a ``"\\n\\n"`` stop written ``"\\n"``, ``"\\n"``: no token of
+    ``ends`` is taken), or where nothing ended the answer (cut at the token limit): the generated
+    tokens' probability."""
+    if n_resp and ends[ids[n_resp - 1]]:
+        return float(chosen_lp[: n_resp - 1].sum().exp() * end_mass[n_resp - 1])
+    return float(chosen_lp[: max(n_resp, 1)].sum().exp())
 
 
 @torch.no_grad()
@@ -176,13 +200,14 @@ def _score_generate(model: Any, tok: Any, task: Task, pairs: list[PromptPair], m
             pad_token_id=pad_id,
         )
         new = out.sequences[:, ids.shape[1] :]
-        step_lp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], dim=1).cpu()
+        step_lp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], dim=1)
         if ends is None:
             ends = answer_ends(tok, task.stop, step_lp.shape[-1])
+        chosen, end_mass = generation_scores(step_lp, new, ends)
         for i, p in enumerate(batch):
             ids = new[i].tolist()
             n_resp = response_length(tok, ids, task.stop)
-            eos = n_resp and ids[n_resp - 1] == tok.eos_token_id
+            eos = bool(n_resp) and ids[n_resp - 1] == tok.eos_token_id
             n_tok = n_resp - 1 if eos else n_resp  # EOS ends the answer but is not part of its text
             text = tok.decode(ids[:n_tok], skip_special_tokens=True)
             if task.stop:
@@ -194,7 +219,7 @@ def _score_generate(model: Any, tok: Any, task: Task, pairs: list[PromptPair], m
                 answer = parse(text)
                 answers.append(answer)
                 correct.append(answer is not None and answer == parse(p.target))
-            conf.append(answer_confidence(step_lp[i], ids, n_resp, ends))
+            conf.append(answer_confidence(chosen[i], end_mass[i], ids, n_resp, ends))
         # NLL of the gold target, teacher-forced.
         full = [s + list(p.target_ids) for s, p in zip(seqs, batch, strict=True)]
         fids, fmask = pad(full, pad_id)

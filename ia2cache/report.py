@@ -24,7 +24,7 @@ import functools
 import json
 import math
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -259,7 +259,7 @@ def _paired_cells(p: dict[str, Any] | None) -> str:
             f"{p['win']}/{p['tie']}/{p['loss']}")
 
 
-def fairness(rows: list[dict[str, Any]], eval_every: Mapping[str, int] | int | None = None) -> dict[str, Any]:
+def fairness(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """How often the step cap ended a phase, how often a chosen lr sits at a grid edge, and how
     often a chosen phase was still improving when early stopping ended it.
 
@@ -270,9 +270,9 @@ def fairness(rows: list[dict[str, Any]], eval_every: Mapping[str, int] | int | N
     lr tried for each phase, as the rows record them).
 
     Still improving (``improving_chosen``): a chosen phase the cap did not end whose best step is
-    its last evaluation (``steps_run - best_step < eval_every``): patience ran out on improvements
-    smaller than min_delta while the dev loss still fell. ``eval_every``: one value, or per sweep
-    settings hash (a row's ``settings``); where unknown, only ``best_step == steps_run`` counts."""
+    its last step (``best_step == steps_run``): patience ran out on improvements smaller than
+    min_delta while the dev loss still fell. (A phase that early stopping ends stops on an
+    evaluation, and its best step is an evaluation's, so the equality is exact.)"""
     chosen: dict[str, list[bool]] = defaultdict(list)
     edge: dict[str, list[bool]] = defaultdict(list)
     improving: dict[str, list[bool]] = defaultdict(list)
@@ -280,11 +280,10 @@ def fairness(rows: list[dict[str, Any]], eval_every: Mapping[str, int] | int | N
     for r in rows:
         capped = [bool(c) for c in r.get("capped") or []]
         edges = [bool(e) for e in r.get("lr_edge") or []]
-        every = eval_every.get(r.get("settings"), 1) if isinstance(eval_every, Mapping) else (eval_every or 1)
         best, ran = r.get("best_step") or [], r.get("steps_run") or []
         still = []
         if len(best) == len(ran) == len(capped):
-            still = [not c and b is not None and s is not None and s - b < every
+            still = [not c and b is not None and b == s
                      for c, b, s in zip(capped, best, ran, strict=True)]
         two = max(len(capped), len(edges)) > 1
         for name, flags, per in (("capped", capped, chosen), ("edge", edges, edge),
@@ -599,21 +598,6 @@ def _model_banner(rows: list[dict[str, Any]], folder: Path) -> str:
     return "\n\n".join(lines) + "\n\n"
 
 
-def _eval_every(folder: Path) -> dict[str, int]:
-    """Each sweep's ``eval_every`` by its settings hash (the ``settings`` its rows carry), from
-    the ``sweep-<task>.json`` files; a file that does not say is skipped."""
-    found: dict[str, int] = {}
-    for f in sorted(folder.glob("sweep-*.json")):
-        try:
-            plan = json.loads(f.read_text(encoding="utf-8"))
-            every = plan["settings"]["eval_every"]
-            if isinstance(every, int) and every > 0:
-                found[str(plan["settings_hash"])] = every
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return found
-
-
 def _labelled(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Cells scored on another task (``sweep --eval-task``) are shown as ``train->eval``."""
     return [dict(r, task=f"{r['task']}->{r['eval_task']}") if r.get("eval_task") not in (None, r["task"])
@@ -639,7 +623,7 @@ def report(folder: str | Path) -> dict[str, Any]:
     with_m = [r for r in shown if r.get("unlabelled", 0)]
     shown = [r for r in shown if not r.get("unlabelled", 0)]  # the main tables: no unlabelled rows
     paired_md, stats = paired_markdown(shown)
-    fair = fairness(rows, _eval_every(out))
+    fair = fairness(rows)
     failed = read_results(out, failed=True)
     md = _model_banner(rows, out) + "## Paired comparisons\n\n" + paired_md + "\n" + _fairness_md(fair)
     md += "\n## Per-method tables\n\n"

@@ -19,6 +19,7 @@ from ia2cache.evaluate import (
     answer_ends,
     effective_max_new,
     evaluate,
+    generation_scores,
     load_adapter,
     read_run_record,
 )
@@ -225,6 +226,7 @@ class _Vocab:
         return len(self.texts)
 
     def batch_decode(self, seqs: list[list[int]], skip_special_tokens: bool = True) -> list[str]:
+        self.decoded = getattr(self, "decoded", 0) + len(seqs)
         return ["".join(self.texts[i] for i in s) for s in seqs]
 
 
@@ -240,6 +242,15 @@ def test_answer_ends_are_eos_and_the_stop_after_whitespace_only() -> None:
         False, False, True, False, False, False, False]
 
 
+def test_answer_ends_decodes_a_vocabulary_once_per_tokenizer_stop_and_size() -> None:
+    vocab = _Vocab(_TEXTS, eos=6)
+    first = answer_ends(vocab, "\n", vocab=9)
+    assert answer_ends(vocab, "\n", vocab=9) is first and vocab.decoded == 7
+    assert answer_ends(vocab, "\n\n", vocab=9) is not first and vocab.decoded == 14
+    other = _Vocab(["\n", "a"], eos=None)  # another tokenizer is never served the first one's mask
+    assert answer_ends(other, "\n", vocab=9).tolist()[:2] == [True, False]
+
+
 def _steps(rows: list[dict[int, float]], vocab: int = 7) -> torch.Tensor:
     """Log-probabilities of generation steps from {token: probability} (the rest spread evenly)."""
     out = torch.empty(len(rows), vocab)
@@ -249,6 +260,12 @@ def _steps(rows: list[dict[int, float]], vocab: int = 7) -> torch.Tensor:
     return out
 
 
+def _conf(lp: torch.Tensor, ids: list[int], n_resp: int, ends: torch.Tensor) -> float:
+    """answer_confidence of one generated row, through generation_scores as _score_generate does."""
+    chosen, end_mass = generation_scores(lp[None], torch.tensor([ids]), ends)
+    return answer_confidence(chosen[0], end_mass[0], ids, n_resp, ends)
+
+
 def test_answer_confidence_counts_every_way_of_ending_the_same_answer() -> None:
     """P(answer) x P(it ends there): 0.5 x (0.3 + 0.2 + 0.05 + 0.1), whichever terminator the
     greedy pass happened to take; a stop fused with text, or no end, is the tokens' product."""
@@ -256,12 +273,16 @@ def test_answer_confidence_counts_every_way_of_ending_the_same_answer() -> None:
     lp = _steps([{0: 0.5, 5: 0.3}, {1: 0.3, 2: 0.2, 3: 0.05, 6: 0.1, 0: 0.3}, {1: 0.9}])
     want = 0.5 * (0.3 + 0.2 + 0.05 + 0.1)
     for last in (1, 2, 3, 6):  # "\n", "\n\n", " \n", EOS
-        assert answer_confidence(lp, [0, last, 1], 2, ends) == pytest.approx(want, rel=1e-5)
-    assert answer_confidence(lp, [0, 4, 1], 2, ends) == pytest.approx(0.5 * lp[1, 4].exp().item(), rel=1e-5)
-    assert answer_confidence(lp, [0, 0, 5], 3, ends) == pytest.approx(
+        assert _conf(lp, [0, last, 1], 2, ends) == pytest.approx(want, rel=1e-5)
+    assert _conf(lp, [0, 4, 1], 2, ends) == pytest.approx(0.5 * lp[1, 4].exp().item(), rel=1e-5)
+    assert _conf(lp, [0, 0, 5], 3, ends) == pytest.approx(
         0.5 * 0.3 * lp[2, 5].exp().item(), rel=1e-5)  # cut at the token limit
+    # A "\n\n" stop written as two "\n" tokens: no single token ends the answer, so the product.
+    ends2 = answer_ends(_Vocab(_TEXTS, eos=6), "\n\n", vocab=7)
+    assert _conf(lp, [0, 1, 1], 3, ends2) == pytest.approx(
+        0.5 * 0.3 * lp[2, 1].exp().item(), rel=1e-5)
     # An answer that is only its end (an empty answer) is as sure as the end is.
-    assert answer_confidence(lp, [6, 1, 1], 1, ends) == pytest.approx(
+    assert _conf(lp, [6, 1, 1], 1, ends) == pytest.approx(
         lp[0, ends].exp().sum().item(), rel=1e-5)
 
 
@@ -292,5 +313,9 @@ def test_generated_confidence_is_the_answer_then_any_end(tiny_tok: Any, tiny_mod
     got = _score_generate(tiny_model, tiny_tok, task, [pair], "base", 1, dev, 4)
     assert got["answers"][0] == tiny_tok.decode([t1]).strip()
     assert got["confidence"][0] == pytest.approx(float(p1[t1] * p2[ends].sum()), rel=1e-4)
+    # In a batch with other rows (generated side by side, left-padded), the same number.
+    rows = build_eval_pairs(task, tiny_tok, k=0, seed=0, n_eval=3)
+    both = _score_generate(tiny_model, tiny_tok, task, [pair, *rows[:2]], "base", 3, dev, 4)
+    assert both["confidence"][0] == pytest.approx(got["confidence"][0], rel=1e-4)
     # EOS always ends an answer, so the mass counted exceeds the greedy end token's alone.
     assert got["confidence"][0] > float(p1[t1] * p2[t2])

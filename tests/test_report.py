@@ -218,10 +218,10 @@ def test_star_needs_five_seeds_and_a_t_ci_that_excludes_zero() -> None:
 def _phase_rows() -> list[dict[str, object]]:
     base = {"task": "t", "n": 4, "seed": 0, "settings": "h"}
     return [
-        # act's chosen phase: early-stopped at step 100, best at 95 (the last evaluation with eval_every 10)
-        dict(base, method="act", capped=[False], lr_edge=[True], best_step=[95], steps_run=[100]),
+        # act's chosen phase: early-stopped at step 100, its best at that last evaluation
+        dict(base, method="act", capped=[False], lr_edge=[True], best_step=[100], steps_run=[100]),
         # a2t: phase 1 IS act's chosen run (same record), phase 2 its own, stopped well after its best
-        dict(base, method="a2t", capped=[False, False], lr_edge=[True, False], best_step=[95, 50],
+        dict(base, method="a2t", capped=[False, False], lr_edge=[True, False], best_step=[100, 50],
              steps_run=[100, 80]),
         dict(base, method="tok", capped=[False], lr_edge=[False], best_step=[60], steps_run=[60]),
         dict(base, method="tna", capped=[True], lr_edge=[True], best_step=[1000], steps_run=[1000]),
@@ -230,7 +230,7 @@ def _phase_rows() -> list[dict[str, object]]:
 
 
 def test_fairness_counts_a2t_first_phase_once_overall() -> None:
-    f = fairness(_phase_rows(), eval_every=10)
+    f = fairness(_phase_rows())
     # distinct chosen phases: act/a2t phase 1, a2t phase 2, tok, tna = 4 (the per-method lists hold 5)
     assert f["capped_chosen"]["overall"] == [1, 4]
     assert f["lr_edge_chosen"]["overall"] == [2, 4]  # act/a2t phase 1 and tna
@@ -253,22 +253,20 @@ def test_fairness_all_runs_keeps_runs_of_other_m_and_settings_apart() -> None:
 
 
 def test_fairness_still_improving_count() -> None:
-    f = fairness(_phase_rows(), eval_every=10)
-    # act/a2t phase 1: 100 - 95 < 10; tok: best at its last step; a2t phase 2: 30 steps after; tna: capped
+    f = fairness(_phase_rows())
+    # act/a2t phase 1 and tok: best at the last step; a2t phase 2: 30 steps after; tna: capped
     assert f["improving_chosen"]["overall"] == [2, 4]
     assert f["improving_chosen"]["a2t"] == [1, 2] and f["improving_chosen"]["act"] == [1, 1]
     assert f["improving_chosen"]["tok"] == [1, 1] and f["improving_chosen"]["tna"] == [0, 1]
-    # eval_every unknown: only best_step == steps_run counts; per settings hash, as report reads it
-    assert fairness(_phase_rows())["improving_chosen"]["overall"] == [1, 4]
-    assert fairness(_phase_rows(), eval_every={"h": 10})["improving_chosen"]["overall"] == [2, 4]
-    assert fairness(_phase_rows(), eval_every={"other": 10})["improving_chosen"]["overall"] == [1, 4]
+    # one evaluation after the best is not "still improving"
+    rows = [dict(r, best_step=[90], steps_run=[100]) if r["method"] == "tok" else r for r in _phase_rows()]
+    assert fairness(rows)["improving_chosen"]["tok"] == [0, 1]
 
 
-def test_report_reads_eval_every_from_the_sweep_file(tmp_path: Path) -> None:
+def test_report_shows_the_fairness_rows(tmp_path: Path) -> None:
     rows = [dict(r, accuracy=0.5, ece_equal_mass=0.1, ece_equal_width=0.1) for r in _phase_rows()]
     mark_as_sweep(tmp_path)
     (tmp_path / "results.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    (tmp_path / "sweep-t.json").write_text(json.dumps({"settings": {"eval_every": 10}, "settings_hash": "h"}))
     res = report(tmp_path)
     assert res["fairness"]["improving_chosen"]["overall"] == [2, 4]
     assert "| still improving when stopped | 2/4 (50%) | 1/2 (50%) | 1/1 (100%) | 0/1 (0%) | 1/1 (100%) |" \
