@@ -28,11 +28,10 @@ from ia2cache.models import load_model
 from ia2cache.tasks import load_task
 
 
-def _old(step_lp: torch.Tensor, ids: list[int], n_resp: int, eos: int | None) -> float:
+def _old(chosen_lp: torch.Tensor, ids: list[int], n_resp: int, eos: int | None) -> float:
     """The previous definition: the generated tokens up to the end, an EOS end left out."""
     n = n_resp - 1 if n_resp and ids[n_resp - 1] == eos else n_resp
-    n = max(n, 1)
-    return float(step_lp[torch.arange(n), torch.tensor(ids[:n], dtype=torch.long)].sum().exp())
+    return float(chosen_lp[: max(n, 1)].sum().exp())
 
 
 def main() -> None:
@@ -48,11 +47,12 @@ def main() -> None:
     new_fn = E.answer_confidence
     seen: list[tuple[float, str]] = []
 
-    def both(step_lp: torch.Tensor, ids: list[int], n_resp: int, ends: torch.Tensor) -> float:
+    def both(chosen_lp: torch.Tensor, end_mass: torch.Tensor, ids: list[int], n_resp: int,
+             ends: torch.Tensor) -> float:
         last = ids[n_resp - 1] if n_resp else None
         how = repr(tok.decode([last])) if last is not None and bool(ends[last]) else "stop fused or no end"
-        seen.append((_old(step_lp, ids, n_resp, tok.eos_token_id), how))
-        return new_fn(step_lp, ids, n_resp, ends)
+        seen.append((_old(chosen_lp, ids, n_resp, tok.eos_token_id), how))
+        return new_fn(chosen_lp, end_mass, ids, n_resp, ends)
 
     E.answer_confidence = both  # evaluate() looks it up at call time: one pass gives both numbers
     configs: list[tuple[str, Any]] = [("base", E.EvalConfig(mode="base", n_eval=args.n_eval))]
