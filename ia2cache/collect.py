@@ -55,6 +55,7 @@ from ia2cache.prompts import (
     build_eval_pairs,
     build_pairs,
     check_positions,
+    eos_ids,
     response_length,
 )
 from ia2cache.sites import check_site, decoder_layers, get_site, parse_layers
@@ -586,10 +587,7 @@ class Teacher:
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
         params = inspect.signature(model.forward).parameters  # the traced call
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
-        # EOS as generate sees it: the generation config's id(s), and the tokenizer's.
-        gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-        eos = list(gen_eos) if isinstance(gen_eos, (list, tuple)) else [gen_eos]
-        self.eos = sorted({int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None})
+        self.eos = eos_ids(model, tokenizer)
 
     def _greedy(self, logits: torch.Tensor, first: bool) -> list[int]:
         """Greedy next tokens; at the first response token EOS is barred (``min_new_tokens=1``)."""

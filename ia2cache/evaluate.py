@@ -17,6 +17,7 @@ import json
 import logging
 import time
 import weakref
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +29,7 @@ from ia2cache.answers import get_parser
 from ia2cache.errors import IA2Error
 from ia2cache.metrics import ece_equal_mass, ece_equal_width
 from ia2cache.padding import pad
-from ia2cache.prompts import ICL_DEMOS, PromptPair, build_eval_pairs, check_seed, response_length
+from ia2cache.prompts import ICL_DEMOS, PromptPair, build_eval_pairs, check_seed, eos_ids, response_length
 from ia2cache.tasks import Task, is_single_token
 
 log = logging.getLogger(__name__)
@@ -124,32 +125,36 @@ def effective_max_new(task: Task, pairs: list[PromptPair], max_new: int | None =
     return int(max_new or task.card.get("max_new_tokens") or max(len(p.target_ids) for p in pairs) + 4)
 
 
-_ENDS: weakref.WeakKeyDictionary[Any, dict[tuple[str, int], torch.Tensor]] = weakref.WeakKeyDictionary()
-"""answer_ends per tokenizer (while it lives), stop and vocabulary size: decoding a whole
+_ENDS: weakref.WeakKeyDictionary[Any, dict[tuple[str, int, tuple[int, ...]], torch.Tensor]] = (
+    weakref.WeakKeyDictionary())
+"""answer_ends per tokenizer (while it lives), stop, vocabulary size and EOS ids: decoding a whole
 vocabulary costs about 1 s for SmolLM2's 49k tokens and 4 s for Gemma 3's 262k."""
 
 
-def answer_ends(tok: Any, stop: str, vocab: int) -> torch.Tensor:
-    """Which of ``vocab`` token ids end an answer without changing it: EOS, and every token whose
-    text holds ``stop`` with only whitespace before it (``"\\n"``, ``"\\n\\n"``, ``" \\n"`` for a
-    ``"\\n"`` stop; not ``".\\n"``, which adds a character). Scoring cuts the answer at the stop
-    and strips it, so after a given answer each of these tokens yields the same answer. Cached
-    per tokenizer, stop and vocab (read-only: do not modify the returned mask)."""
+def answer_ends(tok: Any, stop: str, vocab: int, eos: Collection[int] | None = None) -> torch.Tensor:
+    """Which of ``vocab`` token ids end an answer without changing it: EOS (``eos``: by default
+    the tokenizer's; :func:`~ia2cache.prompts.eos_ids` gives every id generation stops on), and
+    every token whose text holds ``stop`` with only whitespace before it (``"\\n"``, ``"\\n\\n"``,
+    ``" \\n"`` for a ``"\\n"`` stop; not ``".\\n"``, which adds a character).
+    Scoring cuts the answer at the stop and strips it, so after a given answer each of these
+    tokens yields the same answer. Cached per tokenizer, stop, vocab and EOS ids (read-only: do
+    not modify the returned mask)."""
+    eos_set = tuple(sorted({tok.eos_token_id} - {None} if eos is None else set(eos)))
+    key = (stop, vocab, eos_set)
     try:
         known = _ENDS.setdefault(tok, {})
     except TypeError:  # a tokenizer that cannot be weakly referenced: not cached
         known = {}
-    if (stop, vocab) not in known:
+    if key not in known:
         ends = torch.zeros(vocab, dtype=torch.bool)
         if stop:
             n = min(vocab, len(tok))
             texts = tok.batch_decode([[i] for i in range(n)], skip_special_tokens=True)
             hit = [i for i, t in enumerate(texts) if stop in t and not t.split(stop, 1)[0].strip()]
             ends[hit] = True
-        if tok.eos_token_id is not None and tok.eos_token_id < vocab:
-            ends[tok.eos_token_id] = True
-        known[(stop, vocab)] = ends
-    return known[(stop, vocab)]
+        ends[[e for e in eos_set if 0 <= e < vocab]] = True
+        known[key] = ends
+    return known[key]
 
 
 def generation_scores(step_lp: torch.Tensor, new: torch.Tensor, ends: torch.Tensor,
@@ -189,6 +194,7 @@ def _score_generate(model: Any, tok: Any, task: Task, pairs: list[PromptPair], m
     parse = get_parser(task.card["parser"]) if task.card.get("parser") else None
     conf, correct, nll, answers = [], [], [], []
     pad_id = tok.pad_token_id
+    eos = eos_ids(model, tok)  # every id generation stops on
     ends: torch.Tensor | None = None
     for start in range(0, len(pairs), bs):
         batch = pairs[start : start + bs]
@@ -202,13 +208,13 @@ def _score_generate(model: Any, tok: Any, task: Task, pairs: list[PromptPair], m
         new = out.sequences[:, ids.shape[1] :]
         step_lp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], dim=1)
         if ends is None:
-            ends = answer_ends(tok, task.stop, step_lp.shape[-1])
+            ends = answer_ends(tok, task.stop, step_lp.shape[-1], eos)
         chosen, end_mass = generation_scores(step_lp, new, ends)
         for i, p in enumerate(batch):
             ids = new[i].tolist()
-            n_resp = response_length(tok, ids, task.stop)
-            eos = bool(n_resp) and ids[n_resp - 1] == tok.eos_token_id
-            n_tok = n_resp - 1 if eos else n_resp  # EOS ends the answer but is not part of its text
+            n_resp = response_length(tok, ids, task.stop, eos)
+            at_eos = bool(n_resp) and ids[n_resp - 1] in eos
+            n_tok = n_resp - 1 if at_eos else n_resp  # EOS ends the answer but is not part of its text
             text = tok.decode(ids[:n_tok], skip_special_tokens=True)
             if task.stop:
                 text = text.split(task.stop)[0]

@@ -200,6 +200,13 @@ class _Encoder:
         return ids
 
 
+def eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    """EOS as ``generate`` sees it: the generation config's id(s), and the tokenizer's."""
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    eos = list(gen_eos) if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+    return sorted({int(e) for e in [*eos, tokenizer.eos_token_id] if e is not None})
+
+
 def response_length(tokenizer: Any, ids: list[int], stop: str, eos: Collection[int] | None = None) -> int:
     """How many generated tokens make the response: up to and including EOS (``eos``, by
     default the tokenizer's) or the token that completes ``stop``; all of them if neither occurs."""

@@ -286,13 +286,10 @@ def test_answer_confidence_counts_every_way_of_ending_the_same_answer() -> None:
         lp[0, ends].exp().sum().item(), rel=1e-5)
 
 
-def test_generated_confidence_is_the_answer_then_any_end(tiny_tok: Any, tiny_model: Any,
-                                                         tmp_path: Path) -> None:
-    """Through _score_generate: on an eval row whose greedy output starts with two different
-    tokens, with the stop set to the second one's text, the answer is the first token and its
-    confidence is P(first token) x the mass of every token that ends it, by hand."""
-    task = _multi_task(tmp_path, {})
-    found = None
+def _two_token_row(tiny_tok: Any, tiny_model: Any, task: Task) -> tuple[Any, ...]:
+    """An eval row whose greedy output starts with two different tokens t1, t2 (t2's text not in
+    t1's, not whitespace, neither EOS): (pair, p1, t1, p2, t2), p1 and p2 the next-token
+    distributions of the two steps, by hand."""
     with torch.no_grad():
         for pair in build_eval_pairs(task, tiny_tok, k=0, seed=0, n_eval=20):
             prompt = list(pair.student_ids)
@@ -301,11 +298,20 @@ def test_generated_confidence_is_the_answer_then_any_end(tiny_tok: Any, tiny_mod
             p2 = tiny_model(input_ids=torch.tensor([prompt + [t1]])).logits[0, -1].float().softmax(-1)
             t2 = int(p2.argmax())
             stop = tiny_tok.decode([t2])
-            if stop.strip() and stop not in tiny_tok.decode([t1]) and t1 != tiny_tok.eos_token_id:
-                found = pair, p1, t1, p2, t2, stop
-                break
-    assert found is not None, "no eval row of the tiny model has the case under test"
-    pair, p1, t1, p2, t2, stop = found
+            if (stop.strip() and stop not in tiny_tok.decode([t1])
+                    and tiny_tok.eos_token_id not in (t1, t2)):
+                return pair, p1, t1, p2, t2
+    raise AssertionError("no eval row of the tiny model has the case under test")
+
+
+def test_generated_confidence_is_the_answer_then_any_end(tiny_tok: Any, tiny_model: Any,
+                                                         tmp_path: Path) -> None:
+    """Through _score_generate: on an eval row whose greedy output starts with two different
+    tokens, with the stop set to the second one's text, the answer is the first token and its
+    confidence is P(first token) x the mass of every token that ends it, by hand."""
+    task = _multi_task(tmp_path, {})
+    pair, p1, t1, p2, t2 = _two_token_row(tiny_tok, tiny_model, task)
+    stop = tiny_tok.decode([t2])
     task = dataclasses.replace(task, stop=stop)
     ends = answer_ends(tiny_tok, stop, p2.shape[-1])
     assert ends[t2] and not ends[t1]
@@ -319,3 +325,19 @@ def test_generated_confidence_is_the_answer_then_any_end(tiny_tok: Any, tiny_mod
     assert both["confidence"][0] == pytest.approx(got["confidence"][0], rel=1e-4)
     # EOS always ends an answer, so the mass counted exceeds the greedy end token's alone.
     assert got["confidence"][0] > float(p1[t1] * p2[t2])
+
+
+def test_an_eos_of_the_generation_config_ends_the_answer_too(tiny_tok: Any, tiny_model: Any, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose generation config stops on another id than the tokenizer's EOS (several EOS
+    ids): generation stops there, the answer is cut there and that id counts as an end."""
+    task = _multi_task(tmp_path, {})
+    pair, p1, t1, p2, t2 = _two_token_row(tiny_tok, tiny_model, task)
+    monkeypatch.setattr(tiny_model.generation_config, "eos_token_id", [tiny_tok.eos_token_id, t2])
+    task = dataclasses.replace(task, stop="\x00")  # a stop the model never writes
+    dev = next(tiny_model.parameters()).device
+    got = _score_generate(tiny_model, tiny_tok, task, [pair], "base", 1, dev, 4)
+    assert got["answers"][0] == tiny_tok.decode([t1]).strip()
+    ends = answer_ends(tiny_tok, "\x00", p2.shape[-1], [tiny_tok.eos_token_id, t2])
+    assert ends[t2] and ends[tiny_tok.eos_token_id]
+    assert got["confidence"][0] == pytest.approx(float(p1[t1] * p2[ends].sum()), rel=1e-4)
