@@ -50,6 +50,8 @@ JSON_OPT = typer.Option(False, "--json", help="Print one JSON object on stdout (
 
 INTERRUPTED = 130
 """Exit code after Ctrl-C (128 + SIGINT), as shells report it."""
+INCOMPLETE = 3
+"""Exit code of ``sweep --status`` when cells are left (0: none; 1 is a bug, 2 bad input)."""
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -23,6 +23,7 @@ import typer
 
 from cli import render
 from cli.app import (
+    INCOMPLETE,
     JSON_OPT,
     app,
     collect_progress,
@@ -251,7 +252,13 @@ def distill(fields: dict[str, Any], json_out: bool = JSON_OPT) -> None:
 @app.command()
 @guarded
 @config_command(SweepConfig, flags=SWEEP_FLAGS)
-def sweep(fields: dict[str, Any], json_out: bool = JSON_OPT) -> None:
+def sweep(
+    fields: dict[str, Any],
+    status: bool = typer.Option(
+        False, "--status", help="Run nothing and write nothing: print which cells are done and which "
+        "are left (a failed one is left: a run retries it); exit 0 when none is left, 3 when some are."),
+    json_out: bool = JSON_OPT,
+) -> None:
     """Run methods x N x seeds from caches collected once; appends to <out>/results*.jsonl.
 
     A rerun skips finished cells and retries failed ones; a rerun with other settings into the
@@ -267,10 +274,20 @@ def sweep(fields: dict[str, Any], json_out: bool = JSON_OPT) -> None:
       ia2cache sweep --task hf:sst2 --eval-task hf:fins --n 8 --methods tok,a2t --out runs/ood
       # a Slurm array of 4 jobs over one shared --out (report reads every shard's file):
       ia2cache sweep --task antonyms --shard $SLURM_ARRAY_TASK_ID/4 --out /shared/sweep
+      # finished? (the same flags as the run; exit 0 when every cell is done)
+      ia2cache sweep --task antonyms --n 4,8,16 --seeds 0-4 --status
     """
     from ia2cache.sweep import sweep as run_sweep
+    from ia2cache.sweep import sweep_status
 
     config = SweepConfig(**fields)
+    if status:
+        state = sweep_status(config)
+        if json_out:
+            emit_json(state)
+        else:
+            render.sweep_status(state)
+        raise typer.Exit(code=0 if state["complete"] else INCOMPLETE)
     with sweep_progress() as progress:
         result = run_sweep(config, progress=progress)
     if json_out:

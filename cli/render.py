@@ -178,6 +178,18 @@ def sweep(result: dict[str, Any]) -> None:
               f"of {result['cells_total']} · results in {result['results']}")
 
 
+def sweep_status(state: dict[str, Any], most: int = 20) -> None:
+    failed = f" ({state['cells_failed']} failed: a run retries them)" if state["cells_failed"] else ""
+    out.print(f"{state['label']}: {state['cells_done']} of {state['cells_total']} cells done, "
+              f"{state['cells_left']} left{failed} · {state['out']}", highlight=False)
+    for c in state["left"][:most]:
+        m = f" M={c['unlabelled']}" if c["unlabelled"] else ""
+        out.print(f"  left: N={c['n']} seed={c['seed']}{m} {c['method']}{' (failed)' if c['failed'] else ''}",
+                  highlight=False)
+    if state["cells_left"] > most:
+        out.print(f"  … and {state['cells_left'] - most} more (--json lists them all)", highlight=False)
+
+
 def report(result: dict[str, Any]) -> None:
     out.print(result["markdown"])
     err.print(f"wrote {result['report']} and {len(result['plots'])} plots")

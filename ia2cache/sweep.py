@@ -679,10 +679,7 @@ def sweep(config: SweepConfig, progress: Callable[[Event], None] | None = None) 
     with OutputLock(results.with_name(results.name + ".lock"), "--out"):
         _check_settings(out, plan)
         _write_settings(out, plan)
-        done = {(r["n"], r["seed"], r.get("unlabelled", 0), r["method"]) for r in read_results(out)
-                if r.get("settings") == plan.settings_hash and r["task"] == plan.task_name
-                and r.get("eval_task", r["task"]) == plan.eval_name}
-        work, total, skipped = _work_left(config, plan, done)
+        work, total, skipped = _work_left(config, plan, _cells(out, plan))
         counts = {"done": 0, "failed": 0}
         t0 = time.perf_counter()
 
@@ -724,6 +721,42 @@ def sweep(config: SweepConfig, progress: Callable[[Event], None] | None = None) 
 
 
 Work = list[tuple[tuple[int, int, int], list[str]]]
+
+
+def _cells(out: Path, plan: _Plan, failed: bool = False) -> set[tuple[int, int, int, str]]:
+    """(N, seed, M, method) of this sweep's finished cells in ``out``; with ``failed``, of its
+    cells that failed and have not succeeded since."""
+    return {(r["n"], r["seed"], r.get("unlabelled", 0), r["method"]) for r in read_results(out, failed=failed)
+            if r.get("settings") == plan.settings_hash and r["task"] == plan.task_name
+            and r.get("eval_task", r["task"]) == plan.eval_name}
+
+
+def sweep_status(config: SweepConfig) -> dict[str, Any]:
+    """What :func:`sweep` with ``config`` would still run, found without running, locking or
+    writing anything: this shard's cells, those finished, and those left (a failed cell is left:
+    a rerun retries it). ``complete``: none is left.
+
+    Raises:
+        IA2Error: bad settings, an --out that is not a sweep's, or one made with other settings
+            (what ``sweep`` itself would refuse).
+    """
+    from ia2cache.outputs import MARKER
+
+    plan = _plan(config)
+    out = Path(config.out).expanduser()
+    done: set[tuple[int, int, int, str]] = set()
+    failed: set[tuple[int, int, int, str]] = set()
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise IA2Error(f"--out {out}: not a folder `ia2cache sweep` made (no {MARKER})")
+        _check_settings(out, plan)
+        done, failed = _cells(out, plan), _cells(out, plan, failed=True)
+    work, total, finished = _work_left(config, plan, done)
+    left = [{"n": n, "seed": s, "unlabelled": m, "method": x, "failed": (n, s, m, x) in failed}
+            for (n, s, m), todo in work for x in todo]
+    return {"out": str(out), "label": plan.label, "settings": plan.settings_hash, "cells_total": total,
+            "cells_done": finished, "cells_left": len(left), "cells_failed": sum(c["failed"] for c in left),
+            "complete": not left, "left": left}
 
 
 def _work_left(config: SweepConfig, plan: Any, done: set[tuple[int, int, int, str]]) -> tuple[Work, int, int]:

@@ -264,3 +264,47 @@ def test_more_seeds_or_methods_extend_a_sweep(env: dict[str, str], tmp_path: Pat
     assert grid == {"ns": [4], "seeds": [0, 1, 2], "methods": ["act", "tok"]}
 
 
+
+
+def test_status_names_the_cells_left_runs_nothing_and_writes_nothing(env: dict[str, str],
+                                                                     tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from ia2cache.sweep import sweep_status
+
+    out = tmp_path / "st"
+    cfg = _small(env, out, seeds=(0,))
+    fresh = sweep_status(cfg)
+    assert not out.exists()  # nothing written, not even the folder
+    assert (fresh["cells_total"], fresh["cells_done"], fresh["cells_left"]) == (3, 0, 3)  # base, icl, tok
+    assert {c["method"] for c in fresh["left"]} == {"base", "icl", "tok"} and not fresh["complete"]
+    sweep(cfg)
+    done = sweep_status(cfg)
+    assert done["complete"] and (done["cells_done"], done["cells_left"]) == (3, 0)
+    # The tok cell failed after all (its line replaced by a failed one): left, and marked failed.
+    results = out / "results.jsonl"
+    rows = [json.loads(x) for x in results.read_text().splitlines()]
+    rows = [dict(r, status="failed", error="RuntimeError: x") if r["method"] == "tok" else r for r in rows]
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    left = sweep_status(cfg)
+    assert (left["cells_done"], left["cells_left"], left["cells_failed"]) == (2, 1, 1)
+    assert left["left"] == [{"n": 4, "seed": 0, "unlabelled": 0, "method": "tok", "failed": True}]
+    flags = ["sweep", "--task", env["task"], "--out", str(out), "--n", "4", "--seeds", "0",
+             "--methods", "tok", "--lrs", "1e-2", "--max-steps", "4", "--eval-every", "2", "--n-eval", "4",
+             "--dev", "4", "--model", env["model"], "--store", env["store"], "--status"]
+    r = CliRunner().invoke(app, flags)
+    assert r.exit_code == 3, r.output
+    assert "2 of 3 cells done, 1 left (1 failed" in r.output and "N=4 seed=0 tok (failed)" in r.output
+    r = CliRunner().invoke(app, [*flags, "--json"])
+    assert r.exit_code == 3 and json.loads(r.stdout)["cells_left"] == 1
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before  # still nothing written
+    # Other settings: refused as a run would be, naming the flag.
+    r = CliRunner().invoke(app, [*flags[:-1], "--max-steps", "6", "--status"])
+    assert r.exit_code == 2 and "--max-steps" in r.output
+    # A folder some other tool made is not a sweep's.
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(IA2Error, match="not a folder `ia2cache sweep` made"):
+        sweep_status(_small(env, tmp_path / "mine", seeds=(0,)))
