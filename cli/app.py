@@ -2,7 +2,8 @@
 setup, turning failures into exit codes (:func:`guarded`), ``--json`` output and progress bars.
 
 Stdout holds the result (a rich table, or with ``--json`` one JSON object and nothing else);
-progress and logs go to stderr. Exit codes: 0 ok, 1 a check failed, 2 bad input, 130 Ctrl-C.
+progress and logs go to stderr. Exit codes: 0 ok, 1 a check failed (or an internal error), 2 bad
+input, 3 cells left (``sweep --status``), 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ JSON_OPT = typer.Option(False, "--json", help="Print one JSON object on stdout (
 INTERRUPTED = 130
 """Exit code after Ctrl-C (128 + SIGINT), as shells report it."""
 INCOMPLETE = 3
-"""Exit code of ``sweep --status`` when cells are left (0: none; 1 is a bug, 2 bad input)."""
+"""Exit code of ``sweep --status`` when cells are left (0: none; 1 means a failed check or an
+internal error, 2 bad input: neither may be read as "not finished")."""
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -2,7 +2,8 @@
 
 Each command builds a config, calls the library function a notebook would call, and renders
 the result: a rich table on stdout, or with ``--json`` one JSON object on stdout and nothing
-else there. Progress and logs go to stderr. Exit codes: 0 ok, 1 a check failed, 2 bad input.
+else there. Progress and logs go to stderr. Exit codes: 0 ok, 1 a check failed, 2 bad input, 3 cells left
+(``sweep --status``).
 
 Every field of ``CollectConfig``, ``DistillConfig``, ``SweepConfig`` and ``EvalConfig`` is an
 option of its command, generated from the dataclass (:mod:`cli.options`): its name, default and

@@ -102,18 +102,11 @@ def claim_output_dir(path: str | Path, flag: str, kind: str, settings: dict[str,
             pass
         except OSError as exc:
             raise IA2Error(f"{flag} {path}: cannot create it ({exc.strerror or exc})") from None
-    names = [n for n in os.listdir(folder) if n not in (MARKER, LOCK)]
-    marker = read_marker(folder)
+    marker = _judge(folder, flag, kind, accept)
     mine = {"kind": kind, "settings": settings, "writes": writes, "created": created}
     if marker is None:
-        if names:
-            raise IA2Error(f"{flag} {folder}: not a folder ia2cache {kind} made "
-                           f"({_in_the_way(folder, names)}); choose a new or empty folder")
         _write_marker(folder, mine)
         return folder
-    if marker.get("kind") != kind and marker.get("kind") not in set(accept):
-        raise IA2Error(f"{flag} {folder}: made by `ia2cache {marker.get('kind')}`, not `ia2cache {kind}`; "
-                       "choose another folder")
     if marker.get("kind") != kind or settings is None:
         return folder
     old = marker.get("settings")
@@ -131,6 +124,35 @@ def claim_output_dir(path: str | Path, flag: str, kind: str, settings: dict[str,
         remove_beneath(folder, folder / name, follow_root=False)
     _write_marker(folder, {**mine, "created": bool(marker.get("created"))})
     return folder
+
+
+def check_output_dir(path: str | Path, flag: str, kind: str, accept: Iterable[str] = ()) -> Path:
+    """What :func:`claim_output_dir` would refuse, checked without creating or writing anything
+    (a missing folder passes): a symlink or non-folder at ``path``, a non-empty folder no ia2cache
+    command marked, or one another kind of command made. Returns the folder (``~`` expanded)."""
+    folder = Path(path).expanduser()
+    st = _lstat(folder)
+    if st is None:
+        return folder
+    if not stat.S_ISDIR(st.st_mode):
+        raise refusal(folder, file_kind(st.st_mode), "directory")
+    _judge(folder, flag, kind, accept)
+    return folder
+
+
+def _judge(folder: Path, flag: str, kind: str, accept: Iterable[str]) -> dict[str, Any] | None:
+    """An existing folder's marker (None: unmarked and empty but for a lock), or refuse it."""
+    names = [n for n in os.listdir(folder) if n not in (MARKER, LOCK)]
+    marker = read_marker(folder)
+    if marker is None:
+        if names:
+            raise IA2Error(f"{flag} {folder}: not a folder ia2cache {kind} made "
+                           f"({_in_the_way(folder, names)}); choose a new or empty folder")
+        return None
+    if marker.get("kind") != kind and marker.get("kind") not in set(accept):
+        raise IA2Error(f"{flag} {folder}: made by `ia2cache {marker.get('kind')}`, not `ia2cache {kind}`; "
+                       "choose another folder")
+    return marker
 
 
 def _write_marker(folder: Path, marker: dict[str, Any]) -> None:

@@ -210,9 +210,9 @@ def eos_ids(model: Any, tokenizer: Any) -> list[int]:
 def response_length(tokenizer: Any, ids: list[int], stop: str, eos: Collection[int] | None = None) -> int:
     """How many generated tokens make the response: up to and including EOS (``eos``, by
     default the tokenizer's) or the token that completes ``stop``; all of them if neither occurs."""
-    eos_ids = {tokenizer.eos_token_id} if eos is None else set(eos)
+    eos_set = {tokenizer.eos_token_id} if eos is None else set(eos)
     for n in range(1, len(ids) + 1):
-        if ids[n - 1] in eos_ids or (stop and stop in tokenizer.decode(ids[:n], skip_special_tokens=True)):
+        if ids[n - 1] in eos_set or (stop and stop in tokenizer.decode(ids[:n], skip_special_tokens=True)):
             return n
     return len(ids)
 

@@ -740,15 +740,13 @@ def sweep_status(config: SweepConfig) -> dict[str, Any]:
         IA2Error: bad settings, an --out that is not a sweep's, or one made with other settings
             (what ``sweep`` itself would refuse).
     """
-    from ia2cache.outputs import MARKER
+    from ia2cache.outputs import check_output_dir
 
     plan = _plan(config)
-    out = Path(config.out).expanduser()
+    out = check_output_dir(config.out, "--out", kind="sweep")  # what sweep() would refuse
     done: set[tuple[int, int, int, str]] = set()
     failed: set[tuple[int, int, int, str]] = set()
-    if out.is_dir() and any(out.iterdir()):
-        if not (out / MARKER).is_file():
-            raise IA2Error(f"--out {out}: not a folder `ia2cache sweep` made (no {MARKER})")
+    if out.is_dir():
         _check_settings(out, plan)
         done, failed = _cells(out, plan), _cells(out, plan, failed=True)
     work, total, finished = _work_left(config, plan, done)

@@ -41,7 +41,7 @@ OTHER_DEFAULTS = {  # (config, field): (the CLI's default, why it is not the dat
 OWN = {  # each command's parameters that are not config fields
     "collect": {"json_out"},
     "distill": {"json_out"},
-    "sweep": {"json_out"},
+    "sweep": {"status", "json_out"},
     "eval": {"task", "eval_task", "model", "icl", "base", "adapter", "template", "separator",
              "eval_fraction", "json_out"},
 }

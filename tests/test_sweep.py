@@ -265,9 +265,9 @@ def test_more_seeds_or_methods_extend_a_sweep(env: dict[str, str], tmp_path: Pat
 
 
 
-
 def test_status_names_the_cells_left_runs_nothing_and_writes_nothing(env: dict[str, str],
                                                                      tmp_path: Path) -> None:
+    """sweep --status: the cells done and left, what a run would refuse refused, nothing written."""
     from typer.testing import CliRunner
 
     from cli.main import app
@@ -303,8 +303,36 @@ def test_status_names_the_cells_left_runs_nothing_and_writes_nothing(env: dict[s
     # Other settings: refused as a run would be, naming the flag.
     r = CliRunner().invoke(app, [*flags[:-1], "--max-steps", "6", "--status"])
     assert r.exit_code == 2 and "--max-steps" in r.output
-    # A folder some other tool made is not a sweep's.
+    # What a run would refuse, status refuses: a folder someone else filled, one another command
+    # made, a symlink to a sweep's folder; a folder holding only a lock is a new one.
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("x")
-    with pytest.raises(IA2Error, match="not a folder `ia2cache sweep` made"):
+    with pytest.raises(IA2Error, match="not a folder ia2cache sweep made"):
         sweep_status(_small(env, tmp_path / "mine", seeds=(0,)))
+    from ia2cache.outputs import LOCK, claim_output_dir
+
+    claim_output_dir(tmp_path / "distilled", "--out", kind="distill")
+    with pytest.raises(IA2Error, match="made by `ia2cache distill`"):
+        sweep_status(_small(env, tmp_path / "distilled", seeds=(0,)))
+    (tmp_path / "link").symlink_to(out)
+    with pytest.raises(IA2Error, match="link"):
+        sweep_status(_small(env, tmp_path / "link", seeds=(0,)))
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / LOCK).write_text("")
+    assert sweep_status(_small(env, tmp_path / "locked", seeds=(0,)))["cells_left"] == 3
+
+
+def test_status_counts_shards_and_unlabelled_cells_as_a_run_does(env: dict[str, str], tmp_path: Path) -> None:
+    """base once; per (N, seed): ICL and every method at M = 0, at M > 0 only the methods that
+    read unlabelled rows (a2t, not tok); n shards together hold the cells of one run."""
+    from ia2cache.sweep import sweep_status
+
+    kw = dict(seeds=(0, 1), methods=("tok", "a2t"), unlabelled=(0, 8))
+    whole = sweep_status(_small(env, tmp_path / "u", **kw))
+    assert whole["cells_total"] == 1 + 2 * (3 + 1)
+    assert sorted((c["seed"], c["unlabelled"], c["method"]) for c in whole["left"] if c["unlabelled"]) == [
+        (0, 8, "a2t"), (1, 8, "a2t")]
+    parts = [sweep_status(_small(env, tmp_path / "u", shard=f"{i}/3", **kw)) for i in range(3)]
+    assert sum(p["cells_total"] for p in parts) == whole["cells_total"]
+    cells = sorted(tuple(sorted(c.items())) for p in parts for c in p["left"])
+    assert cells == sorted(tuple(sorted(c.items())) for c in whole["left"])
