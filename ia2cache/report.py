@@ -259,6 +259,15 @@ def _paired_cells(p: dict[str, Any] | None) -> str:
             f"{p['win']}/{p['tie']}/{p['loss']}")
 
 
+def _phase_key(r: dict[str, Any], i: int, two_phases: bool) -> tuple[Any, ...]:
+    """Phase ``i`` of row ``r``'s cell, as one trained phase: (task, eval task, N, seed, M,
+    settings, who, i), where ``who`` is the method that trained it (a two-phase method's first
+    phase is its FIRST_PHASE method's: a2t's phase 1 is act's)."""
+    who = FIRST_PHASE.get(r["method"], r["method"]) if i == 0 and two_phases else r["method"]
+    return (r["task"], r.get("eval_task", r["task"]), r["n"], r["seed"], r.get("unlabelled", 0),
+            r.get("settings"), who, i)
+
+
 def fairness(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """How often the step cap ended a phase, how often a chosen lr sits at a grid edge, and how
     often a chosen phase was still improving when early stopping ended it.
@@ -290,22 +299,18 @@ def fairness(rows: list[dict[str, Any]]) -> dict[str, Any]:
                                  ("improving", still, improving)):
             for i, flag in enumerate(flags):
                 per[r["method"]].append(flag)
-                who = FIRST_PHASE.get(r["method"], r["method"]) if i == 0 and two else r["method"]
-                key = (r["task"], r.get("eval_task", r["task"]), r["n"], r["seed"], r.get("unlabelled", 0),
-                       r.get("settings"), who, i)
-                distinct[name].setdefault(key, flag)
+                distinct[name].setdefault(_phase_key(r, i, two), flag)
     everything: dict[str, list[bool]] = defaultdict(list)
     seen: set[tuple[Any, ...]] = set()
     for r in rows:  # every lr each phase trained; a2t's phase 1 is its act cell's, counted once
         phases = r.get("runs") or []
         for i, phase_runs in enumerate(phases):
-            who = FIRST_PHASE.get(r["method"], r["method"]) if i == 0 and len(phases) > 1 else r["method"]
+            phase = _phase_key(r, i, len(phases) > 1)
             for run in phase_runs:
-                key = (r["task"], r.get("eval_task", r["task"]), r["n"], r["seed"], r.get("unlabelled", 0),
-                       r.get("settings"), who, i, run["lr"])
+                key = (*phase, run["lr"])
                 if key not in seen:
                     seen.add(key)
-                    everything[who].append(bool(run["capped"]))
+                    everything[phase[-2]].append(bool(run["capped"]))
 
     def frac(d: dict[str, list[bool]], overall: list[bool] | None = None) -> dict[str, Any]:
         allv = [x for v in d.values() for x in v] if overall is None else overall
